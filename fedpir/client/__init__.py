@@ -1,0 +1,1 @@
+"""Flower ClientApp: site config, local trainer, local state store."""

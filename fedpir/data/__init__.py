@@ -1,0 +1,1 @@
+"""NIfTI site datasets, manifests, validation, transforms."""

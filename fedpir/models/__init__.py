@@ -1,0 +1,1 @@
+"""PIR network, task heads, anchor alignment."""

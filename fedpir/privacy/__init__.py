@@ -1,0 +1,1 @@
+"""Differential privacy (Opacus DP-SGD), budget and ledger, secure aggregation, encryption."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp: stages, rounds, checkpoint and resume, metrics, model export."""

@@ -1,0 +1,1 @@
+"""Synthetic hospital federation (MR phantoms), local federation runner, reports."""

@@ -1,0 +1,1 @@
+"""Shared-only aggregation strategies, robust and modality-aware aggregation, baselines."""
