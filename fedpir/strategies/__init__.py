@@ -1,1 +1,30 @@
 """Shared-only aggregation strategies, robust and modality-aware aggregation, baselines."""
+
+from fedpir.strategies.factory import STRATEGIES, make_strategy
+from fedpir.strategies.modality import ModalityAwareFedAvg, aggregate_by_modality, has_modality_key
+from fedpir.strategies.shared import (
+    SharedFedAdam,
+    SharedFedAvg,
+    SharedFedMedian,
+    SharedFedProx,
+    SharedFedTrimmedAvg,
+    SharedFedYogi,
+    SharedOnlyMixin,
+)
+from fedpir.strategies.validation import Rejection
+
+__all__ = [
+    "STRATEGIES",
+    "ModalityAwareFedAvg",
+    "Rejection",
+    "SharedFedAdam",
+    "SharedFedAvg",
+    "SharedFedMedian",
+    "SharedFedProx",
+    "SharedFedTrimmedAvg",
+    "SharedFedYogi",
+    "SharedOnlyMixin",
+    "aggregate_by_modality",
+    "has_modality_key",
+    "make_strategy",
+]

@@ -1,0 +1,126 @@
+"""The federation loop: stages of rounds, per-site metrics, a checkpoint every round, resume.
+
+Flower's ``Strategy.start`` runs a fixed number of rounds of one configuration and has no hook to
+checkpoint or resume, so this loop drives the strategy's own ``configure_train`` /
+``aggregate_train`` / ``configure_evaluate`` / ``aggregate_evaluate`` itself; aggregation stays in
+the (Flower) strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedpir.server.checkpoint import Checkpoint, CheckpointStore, restore_strategy_state, strategy_state
+
+log = logging.getLogger("fedpir.server")
+
+
+@dataclass
+class Stage:
+    """One stage of the run: its name, how many rounds, and the config sent to every site."""
+
+    name: str
+    rounds: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+class MetricsLog:
+    """Append-only JSON-lines log of per-round, per-site and aggregated metrics."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record: Any) -> None:
+        """Append one record (a timestamp is added)."""
+        record = {"time": round(time.time(), 3), **record}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        """All records so far."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def site_name(msg: Message) -> str:
+    """The site a reply came from (its self-declared name, else the Flower node id)."""
+    if not msg.has_error() and "site" in msg.content.config_records:
+        return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
+    return str(msg.metadata.src_node_id)
+
+
+def _log_replies(metrics_log: MetricsLog, kind: str, stage: str, rnd: int, replies: list[Message]) -> None:
+    for msg in replies:
+        if msg.has_error():
+            metrics_log.write(kind=f"{kind}-error", stage=stage, round=rnd, site=site_name(msg),
+                              error=msg.error.reason)
+            log.warning("round %d %s: site %s failed: %s", rnd, kind, site_name(msg), msg.error.reason)
+            continue
+        for record in msg.content.metric_records.values():
+            metrics_log.write(kind=kind, stage=stage, round=rnd, site=site_name(msg), metrics=dict(record))
+
+
+def run_federation(
+    grid: Grid,
+    strategy: Strategy,
+    initial_arrays: ArrayRecord,
+    stages: Iterable[Stage],
+    run_dir: Path,
+    timeout: float = 3600.0,
+) -> ArrayRecord:
+    """Run all stages, checkpointing after every round; resume from ``run_dir`` if it has one.
+
+    Returns the final global shared arrays.
+    """
+    store = CheckpointStore(run_dir)
+    metrics_log = MetricsLog(Path(run_dir) / "metrics.jsonl")
+    arrays, done = initial_arrays, 0
+    if (ckpt := store.load_latest()) is not None:
+        arrays, done = ckpt.arrays, ckpt.round
+        restore_strategy_state(strategy, ckpt.strategy_state)
+        log.info("resuming after round %d (stage %s)", done, ckpt.stage)
+        metrics_log.write(kind="resume", round=done, stage=ckpt.stage)
+
+    global_round = 0
+    for stage in stages:
+        for stage_round in range(1, stage.rounds + 1):
+            global_round += 1
+            if global_round <= done:
+                continue
+            config = ConfigRecord({**stage.config, "stage": stage.name, "round": global_round})
+            log.info("[%s round %d/%d] (global round %d)", stage.name, stage_round, stage.rounds, global_round)
+
+            replies = list(grid.send_and_receive(
+                strategy.configure_train(global_round, arrays, config, grid), timeout=timeout))
+            _log_replies(metrics_log, "train", stage.name, global_round, replies)
+            new_arrays, train_metrics = strategy.aggregate_train(global_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            else:
+                log.warning("round %d: no valid update; keeping the previous global model", global_round)
+            metrics_log.write(kind="train-aggregate", stage=stage.name, round=global_round,
+                              metrics=dict(train_metrics or {}))
+
+            replies = list(grid.send_and_receive(
+                strategy.configure_evaluate(global_round, arrays, config, grid), timeout=timeout))
+            _log_replies(metrics_log, "evaluate", stage.name, global_round, replies)
+            eval_metrics = strategy.aggregate_evaluate(global_round, replies)
+            metrics_log.write(kind="evaluate-aggregate", stage=stage.name, round=global_round,
+                              metrics=dict(eval_metrics or {}))
+            for rejection in getattr(strategy, "rejections", []):
+                metrics_log.write(kind="rejected", stage=stage.name, round=global_round, rejection=rejection)
+
+            store.save(Checkpoint(global_round, stage.name, stage_round, arrays, strategy_state(strategy)))
+    return arrays
