@@ -126,7 +126,7 @@ def load_manifest(path: Path) -> SiteManifest:
             site = base.name
         else:
             raise ManifestError(f"{path}: manifest must be .json or .csv")
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise ManifestError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from err
     return SiteManifest(site=site, subjects=subjects)
 

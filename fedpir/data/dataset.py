@@ -1,0 +1,84 @@
+"""Training datasets of one site: validated subjects as fixed-size multi-modal tensors.
+
+Items are dicts (torch's default_collate batches them; "subject" becomes a list of str):
+``image`` float32 [M, D, H, W] in the order of the federation's modality vocabulary (zeros where
+the subject lacks a modality), ``present`` bool [M], ``mask`` float32 [1, D, H, W] (zeros if none),
+``has_mask`` bool, ``label`` int64 (-1 if unknown), ``subject`` str.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import CacheDataset, Dataset
+from torch.utils.data import Dataset as TorchDataset
+
+from fedpir.data.manifest import SiteManifest, SubjectRecord
+from fedpir.data.transforms import MASK_KEY, site_transforms
+from fedpir.data.validation import ValidationReport, validate_site
+
+
+def _source_dict(rec: SubjectRecord, modalities: Sequence[str]) -> dict[str, Any]:
+    """MONAI input of one subject: a path per vocabulary modality it has, its mask, label and id."""
+    item: dict[str, Any] = {m: str(rec.images[m]) for m in modalities if m in rec.images}
+    if rec.mask is not None:
+        item[MASK_KEY] = str(rec.mask)
+    item["label"] = -1 if rec.label is None else rec.label
+    item["subject"] = rec.subject_id
+    return item
+
+
+class SiteDataset(TorchDataset):
+    """Subjects of one site as model-ready dicts (see the module docstring).
+
+    Modalities a subject has beyond ``modalities`` are not loaded. With ``cache`` the deterministic
+    preprocessing runs once per subject (MONAI CacheDataset) and items are served from memory.
+    """
+
+    def __init__(
+        self,
+        records: list[SubjectRecord],
+        modalities: Sequence[str],
+        spatial_size: Sequence[int] = (32, 32, 32),
+        cache: bool = True,
+    ) -> None:
+        if not modalities:
+            raise ValueError("SiteDataset needs at least one modality")
+        self.modalities = list(modalities)
+        self.spatial_size = tuple(int(s) for s in spatial_size)
+        self.records = list(records)
+        data = [_source_dict(rec, self.modalities) for rec in self.records]
+        transform = site_transforms(self.modalities, self.spatial_size, with_mask=True)
+        self._data: Dataset = (
+            CacheDataset(data, transform, progress=False) if cache else Dataset(data, transform)
+        )
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        loaded = self._data[index]
+        zeros = torch.zeros((1, *self.spatial_size), dtype=torch.float32)
+        present = [m in loaded for m in self.modalities]
+        return {
+            "image": torch.cat([loaded[m] if p else zeros for m, p in zip(self.modalities, present)]),
+            "present": torch.tensor(present, dtype=torch.bool),
+            "mask": loaded.get(MASK_KEY, zeros),
+            "has_mask": torch.tensor(MASK_KEY in loaded),
+            "label": torch.tensor(loaded["label"], dtype=torch.int64),
+            "subject": loaded["subject"],
+        }
+
+
+def load_site(
+    source: Path | str | SiteManifest,
+    modalities: Sequence[str],
+    spatial_size: Sequence[int] = (32, 32, 32),
+    cache: bool = True,
+) -> tuple[SiteDataset, ValidationReport]:
+    """Validate a site, then build its dataset on the good subjects (bad ones are in the report)."""
+    report = validate_site(source)
+    return SiteDataset(report.good, modalities, spatial_size, cache=cache), report
