@@ -1,0 +1,139 @@
+"""Write a synthetic hospital federation to disk: NIfTI per subject, a manifest per site, federation.json.
+
+Layout::
+
+    OUT/federation.json                 seed, grid, modality vocabulary, anatomy, per-site scanners
+    OUT/site-0/manifest.json            fedpir.data.manifest format
+    OUT/site-0/sub-000/t1.nii.gz        float32, one file per modality the site acquires
+    OUT/site-0/sub-000/lesion.nii.gz    uint8 binary lesion mask (all zero when absent)
+    OUT/site-0/sub-000/tissue.nii.gz    uint8 labels 0 background, 1 CSF, 2 GM, 3 WM, 4 lesion
+
+Subject ids are unique across the federation. round(n/3) of a site's n subjects have no lesion
+(label 0); the rest have one (label 1). Everything is a function of the seed: subject anatomy and
+noise depend only on (seed, site, subject, modality), so the homogeneous and heterogeneous settings
+with one seed hold the same patients, and files are byte-identical between runs (gzip mtime 0).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from fedpir.data.manifest import SiteManifest, SubjectRecord, write_manifest
+from fedpir.simulation.anatomy import Anatomy, Grid, make_anatomy
+from fedpir.simulation.mr_signal import LITERATURE_1P5T
+from fedpir.simulation.phantoms import TISSUE_LABELS, sample_phantom
+from fedpir.simulation.report_text import describe
+from fedpir.simulation.scanners import DEFAULT_SUBSETS, MODALITIES, Scanner, check_subsets, make_scanners
+
+FORMAT_VERSION = 1
+#: Share of each site's subjects without a lesion.
+NO_LESION_SHARE = 1.0 / 3.0
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Write ``data`` (its dtype kept) as .nii.gz in mm, scanner-anatomical space, gzip mtime 0."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    path.write_bytes(gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+    return path
+
+
+def _lesion_flags(seed: int, site: int, n: int) -> np.ndarray:
+    """Which of a site's n subjects get a lesion: exactly round(n * NO_LESION_SHARE) do not, shuffled."""
+    flags = np.arange(n) >= round(n * NO_LESION_SHARE)
+    return np.random.default_rng([seed, site, 2_000_003]).permutation(flags)
+
+
+def _check_args(n_sites: int, subjects_per_site: int, seed: int, out_dir: Path) -> None:
+    if n_sites < 1 or subjects_per_site < 1:
+        raise ValueError(f"need n_sites >= 1 and subjects_per_site >= 1, got {n_sites}, {subjects_per_site}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty folder; choose a new output folder")
+
+
+def _write_subject(
+    scanner: Scanner, body: Anatomy, grid: Grid, with_lesion: bool, keys: tuple[int, int, int], sub_dir: Path
+) -> SubjectRecord:
+    """Simulate and write one subject; ``keys`` = (seed, site, global subject index) seed its streams."""
+    rng = np.random.default_rng(keys)
+    phantom = sample_phantom(body, grid, rng, with_lesion=with_lesion)
+    sub_dir.mkdir(parents=True)
+    images = {}
+    for m in scanner.modalities:
+        noise_rng = np.random.default_rng([*keys, 100 + MODALITIES.index(m)])
+        images[m] = save_nifti(scanner.acquire(phantom, m, noise_rng), grid.affine, sub_dir / f"{m}.nii.gz")
+    mask = phantom.lesion_mask
+    return SubjectRecord(
+        subject_id=sub_dir.name,
+        images=images,
+        mask=save_nifti(mask, grid.affine, sub_dir / "lesion.nii.gz"),
+        tissue=save_nifti(phantom.tissue_labels(), grid.affine, sub_dir / "tissue.nii.gz"),
+        label=int(mask.any()),
+        report=describe(mask, grid, rng),
+    )
+
+
+def generate_federation(
+    out_dir: Path,
+    *,
+    n_sites: int = 4,
+    subjects_per_site: int = 24,
+    shape: tuple[int, int, int] = (48, 48, 48),
+    seed: int = 0,
+    anatomy: str = "auto",
+    modality_subsets: list[list[str]] | None = None,
+    progress: bool = False,
+) -> Path:
+    """Simulate ``n_sites`` hospitals of ``subjects_per_site`` patients each and write them under ``out_dir``.
+
+    ``anatomy``: "icbm" (nilearn's ICBM152 2009a maps), "procedural" (ellipsoids) or "auto" (ICBM when
+    available). ``modality_subsets``: one modality list per site (default: DEFAULT_SUBSETS cycled);
+    give every site all of MODALITIES for the homogeneous setting. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    _check_args(n_sites, subjects_per_site, seed, out_dir)
+    grid = Grid.covering_brain(tuple(shape))  # type: ignore[arg-type]
+    if modality_subsets is None:
+        modality_subsets = [list(DEFAULT_SUBSETS[s % len(DEFAULT_SUBSETS)]) for s in range(n_sites)]
+    scanners = make_scanners(n_sites, check_subsets(modality_subsets, n_sites), seed)
+    body = make_anatomy(anatomy, grid)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    bar = tqdm(total=n_sites * subjects_per_site, desc="synth", unit="subject", disable=not progress)
+    for s, scanner in enumerate(scanners):
+        site_dir = out_dir / scanner.name
+        records = []
+        for j, lesion in enumerate(_lesion_flags(seed, s, subjects_per_site)):
+            index = s * subjects_per_site + j
+            sub_dir = site_dir / f"sub-{index:03d}"
+            records.append(_write_subject(scanner, body, grid, bool(lesion), (seed, s, index), sub_dir))
+            bar.update()
+        write_manifest(SiteManifest(site=scanner.name, subjects=records), site_dir / "manifest.json")
+    bar.close()
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "shape": list(grid.shape),
+        "spacing_mm": grid.spacing,
+        "affine": np.round(grid.affine, 6).tolist(),
+        "anatomy": body.name,
+        "modalities": [m for m in MODALITIES if any(m in sc.modalities for sc in scanners)],
+        "subjects_per_site": subjects_per_site,
+        "tissue_labels": TISSUE_LABELS,
+        "tissue_params_1p5t": {t: asdict(p) for t, p in LITERATURE_1P5T.items()},
+        "sites": [sc.to_dict() for sc in scanners],
+    }
+    (out_dir / "federation.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out_dir

@@ -1,0 +1,90 @@
+"""One synthetic patient: partial-volume tissue maps (with an optional lesion) and own tissue parameters.
+
+A phantom renders any pulse sequence as the fraction-weighted sum of each tissue's signal
+(``mr_signal``); the scanner (``scanners``) then adds resolution, bias field and noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedpir.simulation.anatomy import Anatomy, Grid, random_warp
+from fedpir.simulation.mr_signal import LITERATURE_1P5T, TISSUES, Sequence, TissueParams
+
+#: Tissue label values of ``tissue.nii.gz``.
+TISSUE_LABELS: dict[str, int] = {"background": 0, "csf": 1, "gm": 2, "wm": 3, "lesion": 4}
+#: Between-subject spread (log-normal sd) of T1, T2 and PD: normal tissue, lesion.
+TISSUE_CV, LESION_CV = 0.05, 0.10
+#: Range of the lesion's mean radius (mm); each semi-axis is that times 0.7-1.3.
+LESION_RADIUS_MM: tuple[float, float] = (9.0, 18.0)
+
+
+@dataclass
+class Phantom:
+    """Partial-volume fractions (4, X, Y, Z) of CSF, GM, WM, lesion on a grid of ``spacing`` mm voxels,
+    and the subject's tissue values."""
+
+    fractions: np.ndarray
+    params: dict[str, TissueParams]
+    spacing: float
+
+    @property
+    def brain_mask(self) -> np.ndarray:
+        """Voxels at least half tissue (bool)."""
+        return self.fractions.sum(0) >= 0.5
+
+    @property
+    def lesion_mask(self) -> np.ndarray:
+        """Voxels at least half lesion (uint8, 0/1)."""
+        return (self.fractions[3] >= 0.5).astype(np.uint8)
+
+    @property
+    def has_lesion(self) -> bool:
+        """Whether the lesion mask is non-empty."""
+        return bool(self.lesion_mask.any())
+
+    def tissue_labels(self) -> np.ndarray:
+        """Labels (uint8): 0 background, 1 CSF, 2 GM, 3 WM (largest fraction), 4 lesion (mask)."""
+        labels = (np.argmax(self.fractions[:3], axis=0) + 1).astype(np.uint8)
+        labels[~self.brain_mask] = TISSUE_LABELS["background"]
+        labels[self.lesion_mask > 0] = TISSUE_LABELS["lesion"]
+        return labels
+
+    def render(self, sequence: Sequence) -> np.ndarray:
+        """Noise-free image (float32): sum over tissues of fraction x that tissue's signal."""
+        weights = np.array([sequence.signal(self.params[t]) for t in TISSUES], dtype=np.float32)
+        return np.tensordot(weights, self.fractions, axes=1).astype(np.float32)
+
+
+def lesion_fraction(parenchyma: np.ndarray, wm: np.ndarray, grid: Grid, rng: np.random.Generator) -> np.ndarray:
+    """A soft ellipsoidal lesion centred in deep white matter, confined to parenchyma (GM + WM).
+
+    The centre is drawn among voxels that are >= 80% WM (the most-WM voxel if none is), so the
+    centre voxel is always lesion and the mask is never empty.
+    """
+    candidates = np.argwhere(wm >= 0.8)
+    if len(candidates) == 0:
+        candidates = np.argwhere(wm == wm.max())
+    centre = candidates[rng.integers(len(candidates))]
+    radius = rng.uniform(*LESION_RADIUS_MM)
+    semi_axes = np.maximum(radius * rng.uniform(0.7, 1.3, size=3), 0.75 * grid.spacing)
+    idx = np.indices(grid.shape, dtype=np.float32)
+    offset = (idx - centre.reshape(3, 1, 1, 1)) * grid.spacing / semi_axes.reshape(3, 1, 1, 1)
+    r = np.sqrt((offset**2).sum(0))
+    soft = np.clip(0.5 + (1.0 - r) * semi_axes.mean() / grid.spacing, 0.0, 1.0)
+    return (soft * parenchyma).astype(np.float32)
+
+
+def sample_phantom(anatomy: Anatomy, grid: Grid, rng: np.random.Generator, *, with_lesion: bool) -> Phantom:
+    """A random subject: warped anatomy, a lesion if asked, and tissue values varied around literature."""
+    csf, gm, wm = anatomy.fractions(random_warp(grid, rng)).astype(np.float32)
+    lesion = np.zeros_like(wm)
+    if with_lesion:
+        parenchyma = gm + wm
+        lesion = lesion_fraction(parenchyma, wm, grid, rng)
+        keep = 1.0 - np.divide(lesion, parenchyma, out=np.zeros_like(lesion), where=parenchyma > 0)
+        gm, wm = gm * keep, wm * keep
+    params = {t: p.varied(rng, LESION_CV if t == "lesion" else TISSUE_CV) for t, p in LITERATURE_1P5T.items()}
+    return Phantom(fractions=np.stack([csf, gm, wm, lesion]), params=params, spacing=grid.spacing)

@@ -1,0 +1,58 @@
+"""One-line radiology-style report of a phantom, generated from its ground-truth lesion mask.
+
+Side comes from the lesion centroid's x (RAS: x < 0 is left); the lobe-ish region from its y/z in
+the brain-centred grid frame, whose origin sits about at MNI (0, -17, 5): frontal anterior of
+MNI y = -10, occipital posterior of MNI y = -65, otherwise temporal below MNI z = 0, else parietal.
+Size is the lesion's largest extent along the grid axes, in mm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedpir.simulation.anatomy import Grid
+
+FRONTAL_Y_MM, OCCIPITAL_Y_MM, TEMPORAL_Z_MM = 7.0, -48.0, -5.0
+LESION_TEMPLATES: tuple[str, ...] = (
+    "Hyperintense lesion in the {side} {region} white matter, {size} mm.",
+    "{size} mm T2/FLAIR hyperintense lesion, {side} {region} white matter.",
+    "Focal white matter lesion, {side} {region}, {size} mm, hyperintense on fluid-sensitive images.",
+)
+NORMAL_TEMPLATES: tuple[str, ...] = (
+    "No focal lesion.",
+    "No focal lesion; normal appearance of the white matter.",
+    "No abnormality detected.",
+)
+
+
+def lesion_region(centroid_mm: np.ndarray) -> tuple[str, str]:
+    """(side, region) of a world point (mm) in the grid frame."""
+    x, y, z = (float(v) for v in centroid_mm)
+    side = "left" if x < 0 else "right"
+    if y > FRONTAL_Y_MM:
+        region = "frontal"
+    elif y < OCCIPITAL_Y_MM:
+        region = "occipital"
+    elif z < TEMPORAL_Z_MM:
+        region = "temporal"
+    else:
+        region = "parietal"
+    return side, region
+
+
+def lesion_size_mm(mask: np.ndarray, grid: Grid) -> int:
+    """Largest extent of the mask along a grid axis (mm, rounded)."""
+    idx = np.argwhere(mask > 0)
+    return int(round(float((idx.max(0) - idx.min(0) + 1).max()) * grid.spacing))
+
+
+def describe(mask: np.ndarray, grid: Grid, rng: np.random.Generator) -> str:
+    """Report text for a subject with lesion ``mask`` (all zero: a normal study); wording varies by ``rng``."""
+    if not mask.any():
+        return NORMAL_TEMPLATES[rng.integers(len(NORMAL_TEMPLATES))]
+    centroid_vox = np.argwhere(mask > 0).mean(0)
+    centroid_mm = grid.affine[:3, :3] @ centroid_vox + grid.affine[:3, 3]
+    side, region = lesion_region(centroid_mm)
+    text = LESION_TEMPLATES[rng.integers(len(LESION_TEMPLATES))]
+    text = text.format(side=side, region=region, size=lesion_size_mm(mask, grid))
+    return text[0].upper() + text[1:]

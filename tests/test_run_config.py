@@ -1,0 +1,32 @@
+"""The run settings: one set of defaults, mirrored in pyproject.toml for `flwr run`."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedpir.run_config import RunSettings
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_run_config_matches_defaults() -> None:
+    flower = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert flower == RunSettings().to_run_config()
+
+
+def test_from_run_config_parses_and_rejects() -> None:
+    settings = RunSettings.from_run_config({"pretrain-rounds": "5", "dp": "false", "lr": 0.01})
+    assert settings.pretrain_rounds == 5 and settings.dp is False and settings.lr == 0.01
+    with pytest.raises(ValueError, match="unknown run-config key 'pretrain-round'"):
+        RunSettings.from_run_config({"pretrain-round": 5})
+    with pytest.raises(ValueError, match="key-policy"):
+        RunSettings(key_policy="everything")
+
+
+def test_paths_default_under_run_dir(tmp_path: Path) -> None:
+    settings = RunSettings(run_dir=str(tmp_path / "run"))
+    assert settings.federation_path == tmp_path / "run" / "federation"
+    assert settings.vocabulary == ["t1", "t2", "flair", "pd"]
