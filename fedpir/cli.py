@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "synth": "fedpir.simulation.synth_cli",
     "validate": "fedpir.data.validate_cli",
+    "train": "fedpir.client.train_cli",
 }
 
 

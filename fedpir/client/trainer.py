@@ -1,0 +1,269 @@
+"""Local training of one site: pretraining and fine-tuning rounds, private (Opacus) or not.
+
+One :class:`LocalTrainer` per site and process. It trains the caller's plain :class:`PIRNet` in
+place (Opacus only hooks it), so the federation reads and writes shared weights on that same
+object between rounds. Each round is accounted in the site's ledger (``state_dir``); a private round
+that would exceed the site's budget is refused before it changes anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from fedpir.models.evaluation import evaluate as evaluate_model
+from fedpir.models.losses import TASKS, LossConfig, finetune_losses, pretrain_losses
+from fedpir.models.pir import PIRNet
+from fedpir.privacy.budget import PrivacyBudget, PrivacyLedger
+from fedpir.privacy.dp import DPConfig, PrivateModel, RoundPlan, batch_size_of, collate_patients, default_delta, plan_round
+
+STAGES: tuple[str, ...] = ("pretrain", "finetune")
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+
+
+@dataclass
+class _Session:
+    """Optimizer and loader of one set of trained parameters, reused across rounds."""
+
+    key: tuple[str, tuple[str, ...]]
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    private: PrivateModel | None
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class LocalTrainer:
+    """Trains one site's PIRNet on its dataset, with patient-level DP-SGD unless ``dp.enabled`` is False.
+
+    The epsilon budget, delta and accountant history live in the ledger of ``state_dir`` (in memory
+    when None), so a new trainer on the same folder continues the site's accounting. ``seed`` makes
+    rounds reproducible: the sampling, noise and augmentation streams of round r are seeded by
+    (seed, r), with r counted in the ledger, so no two rounds of a site reuse a stream.
+    Note: a known seed makes the DP noise reproducible by whoever knows it; deployments should
+    draw the seed at random.
+    """
+
+    def __init__(
+        self,
+        model: PIRNet,
+        dataset: Dataset,
+        *,
+        dp: DPConfig,
+        loss_cfg: LossConfig | None = None,
+        batch_size: int = 4,
+        lr: float = 1e-3,
+        optimizer: str = "adam",
+        seed: int = 0,
+        state_dir: Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+        if batch_size < 1 or lr <= 0:
+            raise ValueError(f"need batch_size >= 1 and lr > 0, got {batch_size}, {lr}")
+        self.n_patients = len(dataset)  # type: ignore[arg-type]
+        if self.n_patients < 1:
+            raise ValueError("the site has no usable patients")
+        if dp.enabled and not model.dp_compatible:
+            raise ValueError(f"backbone {model.cfg.backbone!r} has no per-patient gradients; use 'cnn' with DP")
+        self.model, self.dataset, self.dp, self.loss_cfg = model, dataset, dp, loss_cfg or LossConfig()
+        self.batch_size, self.lr, self.optimizer_name, self.seed = batch_size, lr, optimizer, seed
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.ledger = PrivacyLedger.in_dir(state_dir)
+        self.budget: PrivacyBudget | None = None
+        if dp.enabled:
+            delta = dp.delta or self.ledger.delta or default_delta(self.n_patients)
+            self.budget = PrivacyBudget(dp.budget_epsilon, delta, accountant=dp.accountant, ledger=self.ledger)
+        self._data_gen, self._noise_gen, self._loss_gen = (torch.Generator() for _ in range(3))
+        self._session: _Session | None = None
+        self._plans: dict[int, RoundPlan] = {}
+        self._last_stage: tuple[str, str | None] = ("pretrain", None)
+
+    # ---- planning ------------------------------------------------------------------------
+    @property
+    def delta(self) -> float | None:
+        """Delta of the site's guarantee (None without DP)."""
+        return self.budget.delta if self.budget else None
+
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far by the site (None without DP)."""
+        return self.budget.spent() if self.budget else None
+
+    def plan(self, epochs: int) -> RoundPlan:
+        """Sample rate, steps and noise multiplier of a private round of ``epochs`` epochs
+        (cached: Opacus' noise search for a target epsilon takes seconds)."""
+        assert self.budget is not None, "plan() is for private training"
+        if epochs not in self._plans:
+            self._plans[epochs] = plan_round(
+                self.dp, n_patients=self.n_patients, batch_size=self.batch_size, epochs=epochs, delta=self.budget.delta
+            )
+        return self._plans[epochs]
+
+    @staticmethod
+    def model_stage(stage: str, task: str | None) -> str:
+        """The PIRNet stage of a round: "pretrain", or the fine-tuning task."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage == "finetune":
+            if task not in TASKS:
+                raise ValueError(f"fine-tuning needs task in {TASKS}, got {task!r}")
+            return task
+        if task is not None:
+            raise ValueError("pretraining takes no task")
+        return "pretrain"
+
+    # ---- rounds --------------------------------------------------------------------------
+    def _session_for(self, model_stage: str, freeze_encoder: bool, plan: RoundPlan | None) -> _Session:
+        """Set which parameters train; reuse the current optimizer/Opacus wrapping if they did not change."""
+        self.model.set_stage(model_stage, frozen_encoder=freeze_encoder)
+        trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
+        key = (model_stage, trainable)
+        if self._session is not None and self._session.key == key:
+            if self._session.private is not None and plan is not None:
+                self._session.private.set_plan(plan)
+            return self._session
+        if self._session is not None and self._session.private is not None:
+            self._session.private.close()  # new parameter set: re-wrap, the accountant carries on
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = OPTIMIZERS[self.optimizer_name](params, lr=self.lr)
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=True, generator=self._data_gen, collate_fn=collate_patients
+        )
+        private = None
+        if plan is not None:
+            assert self.budget is not None
+            private = PrivateModel(
+                self.model, optimizer, loader, accountant=self.budget.accountant, plan=plan, noise_generator=self._noise_gen
+            )
+            optimizer, loader = private.optimizer, private.loader
+        self._session = _Session(key, optimizer, loader, private)
+        return self._session
+
+    def _seed_round(self, round_index: int) -> None:
+        seeds = np.random.SeedSequence([self.seed, round_index]).generate_state(3, np.uint64)
+        for gen, s in zip((self._data_gen, self._noise_gen, self._loss_gen), seeds, strict=True):
+            gen.manual_seed(int(s) % 2**63)
+
+    def _losses(self, model_stage: str, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = _to_device(batch, self.device)
+        if model_stage == "pretrain":
+            return pretrain_losses(self.model, batch, self.loss_cfg, generator=generator)
+        return finetune_losses(self.model, batch, model_stage)
+
+    def train_round(
+        self,
+        stage: str = "pretrain",
+        epochs: int = 1,
+        task: str | None = None,
+        progress: bool = True,
+        freeze_encoder: bool = False,
+    ) -> dict[str, float]:
+        """Train ``epochs`` local epochs of ``stage`` ("pretrain", or "finetune" with a ``task``).
+
+        Returns the patient-weighted mean of each loss term over the round (``loss_<term>``),
+        ``epsilon`` spent so far and ``delta`` (private rounds only), ``dp`` (1.0 or 0.0),
+        ``n_patients``, ``steps``, ``empty_batches`` (Poisson batches without patients: a
+        noise-only step each) and ``seconds``. Raises BudgetExceededError, with nothing changed,
+        if a private round would exceed the site's budget. The loss means are for monitoring:
+        they are computed from the private data and are not covered by the DP guarantee.
+        """
+        model_stage = self.model_stage(stage, task)
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        plan = self.plan(epochs) if self.budget else None
+        if self.budget is not None and plan is not None:
+            self.budget.check(plan)  # before anything changes
+        session = self._session_for(model_stage, freeze_encoder, plan)
+        self._last_stage = (stage, task)
+        self._seed_round(len(self.ledger.entries))
+        steps_before = sum(h[2] for h in self.budget.accountant.history) if self.budget else 0
+        sums: dict[str, float] = defaultdict(float)
+        patients = steps = empty = 0
+        start = time.perf_counter()
+        completed = False
+        self.model.train()
+        (session.private.zero_grad if session.private else session.optimizer.zero_grad)()  # after a failed round
+        bar = tqdm(total=epochs * len(session.loader), desc=stage, unit="step", disable=not progress, leave=False)
+        try:
+            for _ in range(epochs):
+                for batch in session.loader:
+                    n = batch_size_of(batch)
+                    if n:
+                        terms = self._losses(model_stage, batch, self._loss_gen)
+                        terms["total"].backward()
+                        for name, value in terms.items():
+                            sums[name] += float(value.detach()) * n
+                        patients += n
+                    else:
+                        empty += 1
+                    if session.private is not None:
+                        session.private.step(n)
+                    elif n:
+                        session.optimizer.step()
+                        session.optimizer.zero_grad(set_to_none=True)
+                    steps += 1
+                    bar.update()
+                    if n:
+                        bar.set_postfix(loss=f"{float(terms['total'].detach()):.4f}")
+                if self.budget is not None:
+                    bar.set_postfix(loss=f"{sums['total'] / max(patients, 1):.4f}", eps=f"{self.budget.spent():.3f}")
+            completed = True
+        finally:
+            bar.close()
+            record: dict[str, Any] = {"task": task, "epochs": epochs, "n_patients": self.n_patients}
+            if self.budget is not None and plan is not None:
+                counted = sum(h[2] for h in self.budget.accountant.history) - steps_before
+                if counted:  # a failed round still spent what it counted
+                    self.budget.record(stage=stage, plan=plan, steps=counted, completed=completed, **record)
+                if completed and counted != plan.steps:
+                    raise RuntimeError(f"accountant counted {counted} steps, planned {plan.steps}")
+            elif completed:
+                self.ledger.append({"dp": False, "stage": stage, "steps": steps, **record})
+        metrics = {f"loss_{name}": total / max(patients, 1) for name, total in sums.items()}
+        metrics.update(
+            dp=float(self.budget is not None),
+            n_patients=float(self.n_patients),
+            steps=float(steps),
+            empty_batches=float(empty),
+            seconds=time.perf_counter() - start,
+        )
+        if self.budget is not None:
+            metrics.update(epsilon=self.budget.spent(), delta=self.budget.delta)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset, stage: str | None = None, task: str | None = None) -> dict[str, float]:
+        """Metrics of :func:`fedpir.models.evaluation.evaluate` (synthesis PSNR/SSIM, Dice,
+        accuracy/AUROC) plus the patient-weighted mean loss terms (``loss_<term>``) of a stage
+        (default: the last trained one) on ``dataset``, with fixed augmentation seeds so that
+        evaluations are comparable."""
+        stage, task = (stage, task) if stage is not None else self._last_stage
+        model_stage = self.model_stage(stage, task)
+        loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_patients)
+        was_training = self.model.training
+        self.model.eval()
+        generator = torch.Generator().manual_seed(self.seed)
+        sums: dict[str, float] = defaultdict(float)
+        patients = 0
+        try:
+            for batch in loader:
+                n = batch_size_of(batch)
+                for name, value in self._losses(model_stage, batch, generator).items():
+                    sums[name] += float(value) * n
+                patients += n
+        finally:
+            self.model.train(was_training)
+        losses = {f"loss_{name}": total / max(patients, 1) for name, total in sums.items()}
+        return evaluate_model(self.model, loader) | losses | {"n_patients": float(patients)}

@@ -1,0 +1,248 @@
+"""Stage 1 (self-supervised pretraining) and stage 2 (fine-tuning) losses of the PIR network.
+
+Privacy unit = patient. Opacus (``loss_reduction="mean"``) needs every loss to be the mean over
+patients of a per-patient loss that depends on that patient only. So each term below is computed
+as a vector [B] of per-patient values, averaged over the patient's available modalities, then over
+patients, and all random augmentations come from per-patient streams (:mod:`fedpir.models.augment`).
+
+Deviation from the papers, on purpose: the PIR/Swin-SSL contrastive term and Alice's anatomical
+term use *other patients* as negatives (or positives). That couples patients inside a batch: one
+patient's per-sample gradient would depend on the others and Opacus' per-patient clipping would no
+longer bound its influence. Here both terms are per patient:
+
+* contrastive: two intensity-only views of a modality; projected X_h at each spatial location is a
+  token; positive = the same location in the other view, negatives = the other locations of the
+  same patient (InfoNCE, temperature 0.1, symmetric);
+* anatomical (Alice, optional): crops at the same coordinates (= the same anatomy, volumes share a
+  common space) in the two views are positives, crops at other coordinates of the same patient are
+  negatives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import Tensor, nn
+
+from fedpir.models.augment import (
+    Purpose,
+    crop_starts,
+    intensity_view,
+    patch_mask,
+    patient_seeds,
+    random_rotation,
+    rotate,
+    stream,
+)
+from fedpir.models.pir import PIRNet, unwrap
+
+TASKS = ("segmentation", "classification")
+
+
+@dataclass
+class LossConfig:
+    """Weights and settings of the pretraining losses (Alice terms ``mim``/``anatomical`` off by default)."""
+
+    w_rotation: float = 1.0
+    w_contrastive: float = 1.0
+    w_reconstruction: float = 1.0
+    w_invariance: float = 1.0
+    temperature: float = 0.1
+    fg_threshold: float = -0.35
+    fg_weight: float = 10.0
+    mim: bool = False
+    mim_ratio: float = 0.75
+    w_mim: float = 1.0
+    anatomical: bool = False
+    w_anatomical: float = 0.5
+    anatomical_crops: int = 4
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.mim_ratio < 1:
+            raise ValueError(f"mim_ratio must be in (0, 1), got {self.mim_ratio}")
+        if self.anatomical_crops < 2:
+            raise ValueError(f"anatomical_crops must be >= 2 (one positive, negatives), got {self.anatomical_crops}")
+
+
+def check_batch(net: PIRNet, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Validate and return (image [B, M, D, H, W], present bool [B, M])."""
+    for key in ("image", "present"):
+        if key not in batch:
+            raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batch)})")
+    image, present = batch["image"], batch["present"].bool()
+    n_mod = len(net.cfg.modalities)
+    if image.dim() != 5 or image.shape[1] != n_mod:
+        raise ValueError(f"image must be [B, {n_mod}, D, H, W], got {tuple(image.shape)}")
+    if present.shape != image.shape[:2]:
+        raise ValueError(f"present must be [B, {n_mod}], got {tuple(present.shape)}")
+    if any(s % net.cfg.stride for s in image.shape[2:]):
+        raise ValueError(f"spatial size {tuple(image.shape[2:])} is not divisible by the encoder stride {net.cfg.stride}")
+    return image, present.to(image.device)
+
+
+def per_patient(
+    x: Tensor, seeds: list[int], modality: int, purpose: Purpose, fn: Callable[[Tensor, torch.Generator], Tensor]
+) -> Tensor:
+    """Apply ``fn(x[i], generator_i)`` with patient i's stream and stack the results."""
+    return torch.stack([fn(x[i], stream(s, modality, purpose)) for i, s in enumerate(seeds)])
+
+
+def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    """Symmetric InfoNCE within each patient: tokens a, b [B, N, P]; a[:, i] and b[:, i] are
+    positives, the patient's other tokens negatives. Returns [B]."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    logits = a @ b.transpose(1, 2) / temperature  # [B, N(a), N(b)]
+    target = torch.arange(a.shape[1], device=a.device).expand(a.shape[0], -1)
+    a_to_b = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    b_to_a = F.cross_entropy(logits, target, reduction="none")
+    return 0.5 * (a_to_b + b_to_a).mean(1)
+
+
+def reconstruction_error(pred: Tensor, target: Tensor, present: Tensor, cfg: LossConfig) -> Tensor:
+    """fg_weight * foreground MSE + MSE per available target modality, averaged over them: [B].
+
+    Foreground = target >= fg_threshold (z-scored); absent modalities are masked out.
+    """
+    err = (pred - target) ** 2
+    fg = (target >= cfg.fg_threshold).to(err.dtype)
+    spatial = (2, 3, 4)
+    mse = err.mean(spatial)
+    fg_mse = (err * fg).sum(spatial) / fg.sum(spatial).clamp(min=1)
+    weights = present.to(err.dtype)
+    return ((cfg.fg_weight * fg_mse + mse) * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def invariance(x_hs: dict[int, Tensor], weights: Tensor) -> Tensor:
+    """Sum over available modalities m of mean((X_h(x_m) - sg(mean X_h of the patient's other
+    modalities))^2): [B]; 0 for patients with fewer than two modalities."""
+    count = weights.sum(1)
+    shape = (-1,) + (1,) * (next(iter(x_hs.values())).dim() - 1)
+    total = sum(weights[:, m].view(shape) * x_h.detach() for m, x_h in x_hs.items())
+    others = (count - 1).clamp(min=1).view(shape)
+    out = weights.new_zeros(weights.shape[0])
+    for m, x_h in x_hs.items():
+        target = (total - weights[:, m].view(shape) * x_h.detach()) / others
+        out = out + weights[:, m] * (count > 1) * ((x_h - target) ** 2).flatten(1).mean(1)
+    return out
+
+
+def _tokens(net: PIRNet, x_h: Tensor) -> Tensor:
+    """Projected X_h, one token per spatial location: [B, N, P]."""
+    return net.projection_head(x_h).flatten(2).transpose(1, 2)
+
+
+def _mim_term(net: PIRNet, x: Tensor, m: int, seeds: list[int], cfg: LossConfig) -> Tensor:
+    """Masked image modeling: zero ``mim_ratio`` of 4^3 patches, rebuild the masked voxels of x."""
+    shape = tuple(x.shape[2:])
+    mask = per_patient(x, seeds, m, Purpose.MIM, lambda xi, g: patch_mask(shape, g, 4, cfg.mim_ratio)[None])
+    mask = mask.to(device=x.device, dtype=x.dtype)
+    pred = net.decode(net.encode(x * (1 - mask), m))[:, m : m + 1]
+    return ((pred - x) ** 2 * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+
+
+def _anatomical_term(net: PIRNet, views: tuple[Tensor, Tensor], m: int, seeds: list[int], cfg: LossConfig) -> Tensor:
+    """Per-patient anatomical contrast: crops at the same coordinates of the two views are positives,
+    crops at the patient's other coordinates negatives."""
+    shape = tuple(views[0].shape[2:])
+    crop = tuple(s // 2 for s in shape)
+    if any(c % net.cfg.stride for c in crop):
+        raise ValueError(f"anatomical crops {crop} must be divisible by the encoder stride {net.cfg.stride}")
+    starts = [crop_starts(shape, crop, cfg.anatomical_crops, stream(s, m, Purpose.CROPS)) for s in seeds]
+    embeddings = []
+    for view in views:
+        per_crop = []
+        for k in range(cfg.anatomical_crops):
+            cut = torch.stack(
+                [v[:, a : a + crop[0], b : b + crop[1], c : c + crop[2]] for v, (a, b, c) in zip(view, (st[k] for st in starts))]
+            )
+            pooled = net.encode(cut, m).mean((2, 3, 4), keepdim=True)
+            per_crop.append(net.projection_head(pooled).flatten(1))
+        embeddings.append(torch.stack(per_crop, dim=1))  # [B, K, P]
+    return info_nce(embeddings[0], embeddings[1], cfg.temperature)
+
+
+def pretrain_losses(
+    model: nn.Module, batch: dict[str, Tensor], cfg: LossConfig | None = None, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Stage-1 losses: "rotation", "contrastive", "reconstruction", "invariance" (+ "mim",
+    "anatomical" when enabled) and their weighted sum "total"; each is a mean over patients.
+
+    batch: "image" [B, M, D, H, W] (z-scored, zeros where absent), "present" bool [B, M], optional
+    "seed" int64 [B] (per-patient augmentation seeds; else drawn from ``generator``). ``model`` may
+    be wrapped by Opacus. Per patient and available modality m, with x_m its volume:
+    rotation CE (rot90 of x_m by a random k, predict k from pooled X_h); InfoNCE between two
+    intensity views (see module doc); reconstruction of every available modality from X_h(x_m);
+    invariance ||X_h(x_m) - sg(mean X_h of the other available modalities)||^2 (0 for a patient with
+    one modality). Patients without any modality contribute 0.
+    """
+    cfg = cfg or LossConfig()
+    net = unwrap(model)
+    image, present = check_batch(net, batch)
+    if image.shape[-1] != image.shape[-2]:
+        raise ValueError(f"rotation needs square (H, W) slices, got spatial size {tuple(image.shape[2:])}")
+    if not present.any():
+        raise ValueError("no patient in the batch has any modality: nothing to pretrain on")
+    seeds = patient_seeds(image.shape[0], batch.get("seed"), generator)
+    weights = present.to(image.dtype)
+    names = ["rotation", "contrastive", "reconstruction", "invariance"]
+    names += ["mim"] * cfg.mim + ["anatomical"] * cfg.anatomical
+    terms = {name: image.new_zeros(image.shape[0]) for name in names}
+    clean: dict[int, Tensor] = {}
+    for m in torch.nonzero(present.any(0)).flatten().tolist():
+        x, w = image[:, m : m + 1], weights[:, m]
+        clean[m] = x_h = net.encode(x, m)
+        terms["reconstruction"] += w * reconstruction_error(net.decode(x_h), image, present, cfg)
+
+        ks = [random_rotation(stream(s, m, Purpose.ROTATION)) for s in seeds]
+        rotated = torch.stack([rotate(x[i], k) for i, k in enumerate(ks)])
+        logits = net.rotation_head(net.encode(rotated, m))
+        terms["rotation"] += w * F.cross_entropy(logits, torch.tensor(ks, device=x.device), reduction="none")
+
+        views = tuple(per_patient(x, seeds, m, p, intensity_view) for p in (Purpose.VIEW_A, Purpose.VIEW_B))
+        tokens = [_tokens(net, net.encode(v, m)) for v in views]
+        terms["contrastive"] += w * info_nce(tokens[0], tokens[1], cfg.temperature)
+
+        if cfg.mim:
+            terms["mim"] += w * _mim_term(net, x, m, seeds, cfg)
+        if cfg.anatomical:
+            terms["anatomical"] += w * _anatomical_term(net, views, m, seeds, cfg)
+
+    terms["invariance"] = invariance(clean, weights)
+    count = weights.sum(1)
+    losses = {name: (value / count.clamp(min=1)).mean() for name, value in terms.items()}
+    losses["total"] = sum(getattr(cfg, f"w_{name}") * losses[name] for name in names)
+    return losses
+
+
+def finetune_losses(model: nn.Module, batch: dict[str, Tensor], task: str) -> dict[str, Tensor]:
+    """Stage-2 loss on X_h averaged over each patient's available modalities: {task, "total"}.
+
+    "segmentation": MONAI DiceCELoss(sigmoid=True) against batch["mask"] [B, 1, D, H, W] (Dice per
+    patient, so the batch loss is the mean of per-patient losses). "classification": CE against
+    batch["label"] [B] (int64, -1 = unlabeled); unlabeled patients contribute 0 and the sum is
+    divided by B, not by the number of labeled patients, to keep the per-patient decomposition.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    net = unwrap(model)
+    image, present = check_batch(net, batch)
+    x_h = net.represent(image, present)
+    if task == "segmentation":
+        if "mask" not in batch:
+            raise KeyError("segmentation needs a 'mask' entry in the batch")
+        loss = DiceCELoss(sigmoid=True)(net.segment(x_h), batch["mask"].to(image))
+    else:
+        if "label" not in batch:
+            raise KeyError("classification needs a 'label' entry in the batch")
+        label = batch["label"].to(image.device).long()
+        if label.shape != (image.shape[0],) or (label >= net.cfg.num_classes).any() or (label < -1).any():
+            raise ValueError(f"label must be [B] with values in -1..{net.cfg.num_classes - 1}, got {label.tolist()}")
+        ce = F.cross_entropy(net.classify(x_h), label.clamp(min=0), reduction="none")
+        loss = (ce * (label >= 0)).mean()
+    return {task: loss, "total": loss}

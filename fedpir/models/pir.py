@@ -1,0 +1,287 @@
+"""The PIR network (personalized invariant representation) and its shared/local split.
+
+One shared encoder E maps any single modality of a patient to X_h; a shared learnable biological
+prior P refines the bottleneck (attention + fusion); a shared decoder D rebuilds every modality of
+the vocabulary from X_h. Site-local: per-modality input adapters, every normalization affine
+parameter, and (by default) the task heads. The split is declared once, in
+:meth:`PIRNet.key_groups`; everything else reads it from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from opacus import GradSampleModule
+from torch import Tensor, nn
+
+from fedpir.models.blocks import CNNEncoder, ModalityAdapter, ModalityDecoder, PriorFusion, SwinEncoder
+from fedpir.models.heads import PooledLinearHead, ProjectionHead, SegmentationHead
+
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+BACKBONES = ("cnn", "swinunetr")
+STAGE_MODULES = {
+    "pretrain": ("adapters", "encoder", "fusion", "decoder", "rotation_head", "projection_head"),
+    "segmentation": ("adapters", "encoder", "fusion", "seg_head"),
+    "classification": ("adapters", "encoder", "fusion", "cls_head"),
+}
+
+
+@dataclass
+class PIRConfig:
+    """Architecture of :class:`PIRNet`.
+
+    ``channels``: CNN widths from input resolution to bottleneck (one stride-2 level per extra
+    width). For ``backbone="swinunetr"`` only ``channels[0]`` is used (Swin embed dim; widths double
+    per stage, bottleneck width ``16 * channels[0]``, stride 32).
+    """
+
+    modalities: list[str]
+    spatial_size: tuple[int, int, int] = (32, 32, 32)
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    prior_tokens: int = 16
+    num_heads: int = 4
+    proj_dim: int = 32
+    num_classes: int = 2
+    backbone: str = "cnn"
+
+    def __post_init__(self) -> None:
+        self.modalities = list(self.modalities)
+        self.spatial_size = tuple(int(s) for s in self.spatial_size)  # type: ignore[assignment]
+        self.channels = tuple(int(c) for c in self.channels)
+        if not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be a non-empty list of unique names, got {self.modalities}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+        if len(self.spatial_size) != 3:
+            raise ValueError(f"spatial_size must have 3 entries, got {self.spatial_size}")
+        stride = self.stride
+        if any(s % stride for s in self.spatial_size):
+            raise ValueError(f"spatial_size {self.spatial_size} must be divisible by the encoder stride {stride}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+
+    @property
+    def stride(self) -> int:
+        """Downsampling factor between the input and X_h."""
+        return 32 if self.backbone == "swinunetr" else 2 ** (len(self.channels) - 1)
+
+
+@dataclass(frozen=True)
+class KeyGroups:
+    """State-dict keys of a :class:`PIRNet` split into the three ownership groups of DESIGN.md 2
+    (``norms``: the normalization keys, a subset of ``local``, for the FedBN baseline)."""
+
+    shared: list[str] = field(default_factory=list)
+    local: list[str] = field(default_factory=list)
+    task_heads: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+
+
+class PIRNet(nn.Module):
+    """Encoder + biological prior + fusion + decoder, SSL heads, and task heads (see module doc).
+
+    Every method keeps the batch dimension equal to patients: modalities are encoded one call at a
+    time, which Opacus handles by accumulating per-sample gradients over repeated layer calls.
+    """
+
+    LOCAL_MODULES = ("adapters",)
+    TASK_HEADS = ("seg_head", "cls_head")
+    ENCODER_MODULES = ("adapters", "encoder", "fusion")
+
+    def __init__(self, cfg: PIRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.adapters = ModalityAdapter(len(cfg.modalities))
+        self.encoder = CNNEncoder(cfg.channels) if cfg.backbone == "cnn" else SwinEncoder(cfg.channels[0])
+        widths = self.encoder.widths
+        dim = widths[-1]
+        self.fusion = PriorFusion(dim, cfg.prior_tokens, cfg.num_heads)
+        self.decoder = ModalityDecoder(widths, cfg.modalities)
+        self.rotation_head = PooledLinearHead(dim, 4)
+        self.projection_head = ProjectionHead(dim, cfg.proj_dim)
+        self.seg_head = SegmentationHead(widths)
+        self.cls_head = PooledLinearHead(dim, cfg.num_classes)
+
+    @property
+    def dim(self) -> int:
+        """Channel width C of X_h."""
+        return self.encoder.widths[-1]
+
+    @property
+    def dp_compatible(self) -> bool:
+        """Whether Opacus per-sample gradients are per patient (False for the Swin backbone)."""
+        return self.cfg.backbone == "cnn"
+
+    def modality_index(self, modality: str | int) -> int:
+        """Index of a modality name (or a checked index) in the vocabulary."""
+        if isinstance(modality, str):
+            if modality not in self.cfg.modalities:
+                raise KeyError(f"modality {modality!r} is not in the vocabulary {self.cfg.modalities}")
+            return self.cfg.modalities.index(modality)
+        if not 0 <= modality < len(self.cfg.modalities):
+            raise IndexError(f"modality index {modality} out of range for {len(self.cfg.modalities)} modalities")
+        return int(modality)
+
+    def encode(self, x: Tensor, modality: int) -> Tensor:
+        """One modality [B, 1, D, H, W] -> X_h [B, C, d, h, w]."""
+        if x.dim() != 5 or x.shape[1] != 1:
+            raise ValueError(f"encode expects [B, 1, D, H, W], got {tuple(x.shape)}")
+        h = self.encoder(self.adapters(x, self.modality_index(modality)))
+        return self.fusion(h)
+
+    def decode(self, x_h: Tensor) -> Tensor:
+        """X_h -> every modality of the vocabulary [B, M, D, H, W]."""
+        return self.decoder(x_h)
+
+    def segment(self, x_h: Tensor) -> Tensor:
+        """X_h -> lesion logits [B, 1, D, H, W]."""
+        return self.seg_head(x_h)
+
+    def classify(self, x_h: Tensor) -> Tensor:
+        """X_h -> class logits [B, num_classes]."""
+        return self.cls_head(x_h)
+
+    def encode_available(self, image: Tensor, present: Tensor) -> dict[int, Tensor]:
+        """X_h of every modality that some patient of the batch has: {modality index: X_h}."""
+        return {m: self.encode(image[:, m : m + 1], m) for m in torch.nonzero(present.any(0)).flatten().tolist()}
+
+    def represent(self, image: Tensor, present: Tensor) -> Tensor:
+        """Mean of X_h over each patient's available modalities (zeros for a patient with none).
+
+        image [B, M, D, H, W], present bool [B, M] -> [B, C, d, h, w].
+        """
+        x_hs = self.encode_available(image, present)
+        if not x_hs:
+            raise ValueError("no patient in the batch has any modality")
+        return average_over_modalities(x_hs, present)
+
+    # ---- the shared/local split (declared once) -------------------------------------------
+    def key_groups(self) -> KeyGroups:
+        """Classify every state-dict key: norm affine params and adapters are local, task heads
+        are their own group, everything else (encoder convs, prior, attention, fusion, decoder,
+        SSL heads) is shared."""
+        owner: dict[str, nn.Module] = {}
+        owner_path: dict[str, str] = {}
+        for path, module in self.named_modules():
+            for name, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                key = f"{path}.{name}" if path else name
+                owner[key], owner_path[key] = module, path
+        groups = KeyGroups()
+        for key in self.state_dict():
+            top = owner_path[key].split(".")[0]
+            if isinstance(owner[key], NORM_TYPES):
+                groups.norms.append(key)
+            if isinstance(owner[key], NORM_TYPES) or top in self.LOCAL_MODULES:
+                groups.local.append(key)
+            elif top in self.TASK_HEADS:
+                groups.task_heads.append(key)
+            else:
+                groups.shared.append(key)
+        return groups
+
+    def shared_keys(self, include_task_heads: bool = False) -> list[str]:
+        """State-dict keys the server aggregates; ``include_task_heads`` shares the task heads too
+        (their norm parameters stay local)."""
+        groups = self.key_groups()
+        return groups.shared + (groups.task_heads if include_task_heads else [])
+
+    def local_keys(self, include_task_heads: bool = False) -> list[str]:
+        """Complement of :meth:`shared_keys` for the same ``include_task_heads`` (which means "task
+        heads are shared"): with False (default) the task heads are local."""
+        groups = self.key_groups()
+        return groups.local + ([] if include_task_heads else groups.task_heads)
+
+    def federated_keys(self, policy: str) -> list[str]:
+        """Keys a site exchanges with the server under a key policy (fedpir and the baselines):
+        "fedpir" the shared keys; "fedavg" every key; "fedbn" all but normalization; "fedper" all
+        but the task heads; "local" none."""
+        groups, every = self.key_groups(), list(self.state_dict())
+        if policy == "fedpir":
+            return groups.shared
+        if policy == "fedavg":
+            return every
+        if policy == "fedbn":
+            return [k for k in every if k not in set(groups.norms)]
+        if policy == "fedper":
+            return [k for k in every if k.split(".")[0] not in self.TASK_HEADS]
+        if policy == "local":
+            return []
+        raise ValueError(f"unknown key policy {policy!r}; valid: fedpir, fedavg, fedbn, fedper, local")
+
+    @staticmethod
+    def modality_of_key(key: str) -> str | None:
+        """The modality a shared key belongs to (the decoder's per-modality output heads), else None."""
+        parts = key.split(".")
+        return parts[2] if parts[:2] == ["decoder", "out"] and len(parts) > 3 else None
+
+    # ---- what trains ----------------------------------------------------------------------
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Turn gradients off (or on) for everything upstream of X_h: adapters, encoder, prior,
+        attention and fusion. Call before ``PrivacyEngine.make_private``."""
+        for name in self.ENCODER_MODULES:
+            getattr(self, name).requires_grad_(not frozen)
+
+    def set_stage(self, stage: str, frozen_encoder: bool = False) -> None:
+        """Make exactly the modules used by ``stage`` trainable.
+
+        ``stage``: "pretrain", "segmentation" or "classification". Needed under Opacus, whose
+        optimizer rejects trainable parameters that received no per-sample gradient (e.g. the
+        task heads during pretraining). Call before ``PrivacyEngine.make_private``.
+        """
+        if stage not in STAGE_MODULES:
+            raise ValueError(f"unknown stage {stage!r}; choose one of {tuple(STAGE_MODULES)}")
+        self.requires_grad_(False)
+        for name in STAGE_MODULES[stage]:
+            getattr(self, name).requires_grad_(True)
+        if frozen_encoder:
+            self.freeze_encoder(True)
+
+
+def average_over_modalities(x_hs: dict[int, Tensor], present: Tensor) -> Tensor:
+    """Per-patient mean of {modality: X_h [B, ...]} over the modalities the patient has."""
+    weights = present.to(next(iter(x_hs.values())).dtype)
+    shape = (-1,) + (1,) * (next(iter(x_hs.values())).dim() - 1)
+    total = sum(weights[:, m].view(shape) * x_h for m, x_h in x_hs.items())
+    return total / weights.sum(1).clamp(min=1).view(shape)
+
+
+def unwrap(model: nn.Module) -> PIRNet:
+    """The plain :class:`PIRNet` inside an Opacus ``GradSampleModule`` (or the model itself)."""
+    while isinstance(model, GradSampleModule):
+        model = model._module
+    if not isinstance(model, PIRNet):
+        raise TypeError(f"expected a PIRNet (optionally wrapped by Opacus), got {type(model).__name__}")
+    return model
+
+
+def shared_state(model: nn.Module, include_task_heads: bool = False) -> dict[str, Tensor]:
+    """Copies of the shared tensors, keyed as in the plain PIRNet's state dict."""
+    net = unwrap(model)
+    state = net.state_dict()
+    return {k: state[k].detach().clone() for k in net.shared_keys(include_task_heads)}
+
+
+def load_shared_state(model: nn.Module, state: dict[str, Tensor], include_task_heads: bool = False) -> None:
+    """Load exactly the shared tensors into ``model``; local tensors are untouched.
+
+    Raises ValueError listing missing, unexpected or wrong-shape keys (nothing is loaded then).
+    """
+    net = unwrap(model)
+    expected = net.shared_keys(include_task_heads)
+    current = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{k}: got {tuple(state[k].shape)}, expected {tuple(current[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(current[k].shape)
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+        if keys
+    ]
+    if problems:
+        raise ValueError("shared state does not match the model: " + "; ".join(problems))
+    net.load_state_dict({k: state[k] for k in expected}, strict=False)

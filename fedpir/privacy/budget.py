@@ -1,0 +1,177 @@
+"""A site's privacy budget and its persistent ledger of the epsilon spent.
+
+The ledger is a JSON-lines file in the site's state folder, one entry per local round (pretraining
+and fine-tuning alike). A private entry holds the round (stage, steps, sample rate, noise
+multiplier, clipping bound), the epsilon after the round and the accountant's full history
+``[(noise_multiplier, sample_rate, steps), ...]``, so that a restarted client rebuilds the Opacus
+accountant from the last entry and epsilon keeps accumulating. A non-private round is recorded as
+``"dp": false`` without an epsilon: the site then has no DP guarantee for what it released, and
+:attr:`PrivacyLedger.non_private_rounds` says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from opacus.accountants import IAccountant, create_accountant
+
+from fedpir.privacy.dp import RoundPlan
+
+LEDGER_NAME = "privacy_ledger.jsonl"
+
+History = list[tuple[float, float, int]]
+
+
+class BudgetExceededError(RuntimeError):
+    """A round was refused because it would take the site past its epsilon budget."""
+
+    def __init__(self, *, spent: float, would_reach: float, budget: float, delta: float) -> None:
+        self.spent, self.would_reach, self.budget, self.delta = spent, would_reach, budget, delta
+        super().__init__(
+            f"privacy budget exceeded: epsilon spent so far {spent:.4g}, this round would reach "
+            f"{would_reach:.4g} > budget {budget:.4g} (delta={delta:g}); round refused, "
+            "model, optimizer and ledger unchanged"
+        )
+
+
+class LedgerError(ValueError):
+    """The ledger file cannot be trusted (unparseable line, inconsistent delta)."""
+
+
+class PrivacyLedger:
+    """Append-only record of a site's local rounds, in memory or in ``path`` (JSON lines)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: list[dict[str, Any]] = []
+        if self.path is not None and self.path.exists():
+            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    self.entries.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise LedgerError(f"{self.path}:{number}: unreadable ledger entry ({err})") from err
+
+    @classmethod
+    def in_dir(cls, state_dir: Path | None) -> PrivacyLedger:
+        """The ledger of a site state folder (created on first write), or an in-memory one."""
+        return cls(Path(state_dir) / LEDGER_NAME if state_dir is not None else None)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Add one round; written and fsynced before returning."""
+        entry = {"timestamp": time.time(), **entry}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        self.entries.append(entry)
+
+    @property
+    def private_entries(self) -> list[dict[str, Any]]:
+        """Entries of DP rounds."""
+        return [e for e in self.entries if e.get("dp")]
+
+    @property
+    def non_private_rounds(self) -> int:
+        """How many rounds ran without DP (each voids the site's guarantee)."""
+        return sum(1 for e in self.entries if not e.get("dp"))
+
+    @property
+    def history(self) -> History:
+        """Accountant history after the last private round (empty if none)."""
+        private = self.private_entries
+        return [tuple(h) for h in private[-1]["history"]] if private else []  # type: ignore[misc]
+
+    @property
+    def delta(self) -> float | None:
+        """The delta the site's private rounds were accounted with, if any."""
+        deltas = {e["delta"] for e in self.private_entries}
+        if len(deltas) > 1:
+            raise LedgerError(f"{self.path}: ledger mixes several deltas {sorted(deltas)}")
+        return deltas.pop() if deltas else None
+
+
+def _compose(history: History, plan: RoundPlan) -> History:
+    """History after ``plan.steps`` more steps, merged like Opacus' accountants merge steps."""
+    history = list(history)
+    if history and history[-1][:2] == (plan.noise_multiplier, plan.sample_rate):
+        sigma, rate, steps = history.pop()
+        history.append((sigma, rate, steps + plan.steps))
+    else:
+        history.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
+    return history
+
+
+def epsilon_of(accountant: IAccountant, delta: float) -> float:
+    """Epsilon of an accountant's history (0 before any step)."""
+    return float(accountant.get_epsilon(delta=delta)) if accountant.history else 0.0
+
+
+class PrivacyBudget:
+    """A site's (epsilon budget, delta) and the Opacus accountant that spends it.
+
+    The accountant is rebuilt from the ledger; a private training run attaches it to its
+    ``DPOptimizer`` (see :class:`fedpir.privacy.dp.PrivateModel`) so every noisy step is counted.
+    """
+
+    def __init__(
+        self, epsilon_budget: float, delta: float, *, accountant: str = "rdp", ledger: PrivacyLedger | None = None
+    ) -> None:
+        if epsilon_budget <= 0 or not 0 < delta < 1:
+            raise ValueError(f"need epsilon_budget > 0 and 0 < delta < 1, got {epsilon_budget}, {delta}")
+        self.ledger = ledger if ledger is not None else PrivacyLedger()
+        if self.ledger.delta is not None and self.ledger.delta != delta:
+            raise LedgerError(
+                f"the site's ledger was accounted with delta={self.ledger.delta:g}, not {delta:g}; "
+                "a site keeps one delta"
+            )
+        self.epsilon_budget = epsilon_budget
+        self.delta = delta
+        self.accountant = create_accountant(accountant)
+        self.accountant.history = self.ledger.history
+
+    def spent(self) -> float:
+        """Epsilon spent so far."""
+        return epsilon_of(self.accountant, self.delta)
+
+    def would_reach(self, plan: RoundPlan) -> float:
+        """Epsilon after a round of ``plan`` (computed on a copy; nothing is spent)."""
+        trial = copy.deepcopy(self.accountant)
+        trial.history = _compose(trial.history, plan)
+        return epsilon_of(trial, self.delta)
+
+    def check(self, plan: RoundPlan) -> float:
+        """Return the epsilon the round would reach, or raise BudgetExceededError."""
+        reach = self.would_reach(plan)
+        if reach > self.epsilon_budget:
+            raise BudgetExceededError(
+                spent=self.spent(), would_reach=reach, budget=self.epsilon_budget, delta=self.delta
+            )
+        return reach
+
+    def record(self, *, stage: str, plan: RoundPlan, steps: int, **extra: Any) -> dict[str, Any]:
+        """Write the ledger entry of a private round whose ``steps`` the accountant has counted."""
+        entry = {
+            "dp": True,
+            "stage": stage,
+            "steps": steps,
+            "sample_rate": plan.sample_rate,
+            "noise_multiplier": plan.noise_multiplier,
+            "max_grad_norm": plan.max_grad_norm,
+            "epsilon": self.spent(),
+            "delta": self.delta,
+            "epsilon_budget": self.epsilon_budget,
+            "accountant": self.accountant.mechanism(),
+            "history": [list(h) for h in self.accountant.history],
+            **extra,
+        }
+        self.ledger.append(entry)
+        return entry

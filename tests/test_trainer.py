@@ -1,0 +1,134 @@
+"""LocalTrainer on the real PIRNet and a site of the synthetic federation (16^3 volumes)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from torch.utils.data import Subset
+
+from fedpir.client.trainer import LocalTrainer
+from fedpir.data.dataset import load_site
+from fedpir.models.pir import PIRConfig, PIRNet
+from fedpir.privacy.budget import BudgetExceededError
+from fedpir.privacy.dp import DPConfig
+
+SIZE = (16, 16, 16)
+DELTA = 1e-5
+
+
+@pytest.fixture(scope="module")
+def site(small_federation: Path):
+    vocab = json.loads((small_federation / "federation.json").read_text())["modalities"]
+    dataset, report = load_site(small_federation / "site-0", vocab, SIZE)
+    assert len(dataset) == 8 and not report.bad
+    return vocab, dataset
+
+
+def make_model(vocab: list[str], seed: int = 0) -> PIRNet:
+    torch.manual_seed(seed)
+    return PIRNet(PIRConfig(vocab, spatial_size=SIZE, channels=(4, 8, 16), prior_tokens=4, num_heads=2, proj_dim=8))
+
+
+def independent_epsilon(noise_multiplier: float, sample_rate: float, steps: int) -> float:
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    return accountant.get_epsilon(delta=DELTA)
+
+
+def state(model: PIRNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_private_pretraining_then_finetuning_spends_one_budget(site, tmp_path: Path) -> None:
+    """Real PIRNet + pretrain_losses under DP; target epsilon planned over 2 rounds; re-wrapping
+    for fine-tuning keeps the accountant; the epsilon matches Opacus' RDP accountant."""
+    vocab, dataset = site
+    model = make_model(vocab)
+    trainer = LocalTrainer(
+        model, Subset(dataset, range(2)), dp=DPConfig(target_epsilon=3.0, planned_rounds=2, delta=DELTA),
+        batch_size=1, state_dir=tmp_path,
+    )
+    before = state(model)
+    pre = trainer.train_round("pretrain", progress=False)
+    assert {"loss_rotation", "loss_contrastive", "loss_reconstruction", "loss_invariance", "loss_total"} <= set(pre)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in pre.items() if k.startswith("loss_"))
+    changed = [k for k, v in state(model).items() if not torch.equal(v, before[k])]
+    assert set(changed) >= set(model.shared_keys())
+    assert not any(k.startswith(("seg_head", "cls_head")) for k in changed)  # not trained in pretraining
+    sigma = json.loads((tmp_path / "privacy_ledger.jsonl").read_text().splitlines()[0])["noise_multiplier"]
+    assert pre["steps"] == 2 and pre["epsilon"] == pytest.approx(independent_epsilon(sigma, 0.5, 2), rel=1e-9)
+    fine = trainer.train_round("finetune", task="classification", progress=False)
+    assert fine["epsilon"] == pytest.approx(independent_epsilon(sigma, 0.5, 4), rel=1e-9)
+    assert 2.9 < fine["epsilon"] <= 3.0  # the planned target is reached, not exceeded
+    metrics = trainer.evaluate(dataset)
+    assert {"loss_classification", "accuracy", "dice", "psnr"} <= set(metrics)
+
+
+def test_refused_round_changes_nothing(site, tmp_path: Path) -> None:
+    vocab, dataset = site
+    model = make_model(vocab)
+    trainer = LocalTrainer(model, dataset, dp=DPConfig(noise_multiplier=1.0, budget_epsilon=6.0), state_dir=tmp_path)
+    first = trainer.train_round("finetune", task="classification", progress=False)
+    assert first["epsilon"] == pytest.approx(independent_epsilon(1.0, 0.5, 2), rel=1e-9)
+    assert first["epsilon"] < 6.0
+    ledger = (tmp_path / "privacy_ledger.jsonl").read_bytes()
+    weights = state(model)
+    optimizer = copy.deepcopy(trainer._session.optimizer.state_dict())
+    trainable = [p.requires_grad for p in model.parameters()]
+    for stage, task in (("finetune", "classification"), ("pretrain", None)):
+        with pytest.raises(BudgetExceededError, match="would reach .* > budget 6") as err:
+            trainer.train_round(stage, task=task, progress=False)
+        assert err.value.spent == pytest.approx(first["epsilon"]) and err.value.would_reach > 6.0
+    assert (tmp_path / "privacy_ledger.jsonl").read_bytes() == ledger
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    after = trainer._session.optimizer.state_dict()
+    assert after["param_groups"] == optimizer["param_groups"]
+    for i, s in optimizer["state"].items():
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items())
+    assert [p.requires_grad for p in model.parameters()] == trainable
+    assert trainer.epsilon() == first["epsilon"]
+
+
+def test_restart_continues_the_ledger(site, tmp_path: Path) -> None:
+    vocab, dataset = site
+    dp = DPConfig(noise_multiplier=1.2, budget_epsilon=20.0)
+    first = LocalTrainer(make_model(vocab), dataset, dp=dp, state_dir=tmp_path)
+    one = first.train_round("finetune", task="classification", progress=False)
+    restarted = LocalTrainer(make_model(vocab), dataset, dp=dp, state_dir=tmp_path)  # new process
+    assert restarted.epsilon() == pytest.approx(one["epsilon"]) and restarted.delta == first.delta == DELTA
+    two = restarted.train_round("finetune", task="classification", progress=False)
+    assert two["epsilon"] > one["epsilon"]
+    assert two["epsilon"] == pytest.approx(independent_epsilon(1.2, 0.5, 4), rel=1e-9)
+    entries = [json.loads(line) for line in (tmp_path / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert [e["history"] for e in entries] == [[[1.2, 0.5, 2]], [[1.2, 0.5, 4]]]
+
+
+def test_empty_poisson_batches_are_noise_only_steps(site) -> None:
+    vocab, dataset = site
+    model = make_model(vocab)
+    trainer = LocalTrainer(model, Subset(dataset, range(3)), dp=DPConfig(noise_multiplier=1.0, budget_epsilon=100.0), batch_size=1)
+    out = trainer.train_round("finetune", epochs=3, task="classification", progress=False)
+    assert out["steps"] == 9 and out["empty_batches"] > 0  # P(empty) = (2/3)^3 per step; fixed seed
+    assert out["epsilon"] == pytest.approx(independent_epsilon(1.0, 1 / 3, 9), rel=1e-9)
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["no-dp", "dp"])
+def test_same_seed_same_round(site, enabled: bool, tmp_path: Path) -> None:
+    vocab, dataset = site
+    dp = DPConfig(enabled=enabled, noise_multiplier=1.0 if enabled else None)
+    runs = []
+    for k in range(2):
+        model = make_model(vocab)
+        trainer = LocalTrainer(model, dataset, dp=dp, seed=7, state_dir=tmp_path / str(k))
+        out = trainer.train_round("finetune", task="classification", progress=False)
+        runs.append(({k: v for k, v in out.items() if k != "seconds"}, state(model)))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    assert runs[0][0]["dp"] == float(enabled) and ("epsilon" in runs[0][0]) == enabled
+    entry = json.loads((tmp_path / "0" / "privacy_ledger.jsonl").read_text())
+    assert entry["dp"] is enabled and ("epsilon" in entry) == enabled
