@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-#: How the baselines differ from fedpir: which state-dict keys a site sends to the server.
-KEY_POLICIES: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper")
+#: Which state-dict keys a site sends to the server (the baselines differ from fedpir here; "local" sends
+#: nothing). The keys of each policy are declared on the model: PIRNet.federated_keys.
+KEY_POLICIES: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper", "local")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class RunSettings:
     key_policy: str = "fedpir"
     dp: bool = True
     epsilon_budget: float = 8.0
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 0.0  # 0: the noise that spends epsilon_budget over all rounds
     max_grad_norm: float = 1.0
     finetune_task: str = "segmentation"
     freeze_encoder: bool = False

@@ -1,0 +1,158 @@
+"""One hospital's side of the federation: its data, its model with local layers, its trainer.
+
+Plain Python (no Flower): the ClientApp and the baseline runners wire it. The site keeps its
+local layers (normalization, adapters, task heads: whatever the key policy does not send) in
+``state_dir/local_state.pt`` so that a restarted client continues with them; its privacy ledger
+lives in the same folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from fedpir.client.trainer import LocalTrainer
+from fedpir.data.dataset import SiteDataset, load_site
+from fedpir.models.losses import LossConfig
+from fedpir.models.pir import PIRConfig, PIRNet
+from fedpir.privacy.dp import DPConfig
+from fedpir.run_config import RunSettings
+
+log = logging.getLogger("fedpir.client")
+
+#: Evaluation metrics every site reports, whatever its modalities (NaN where a site cannot
+#: compute one), so that the server can aggregate them; per-pair figures stay at the site.
+EVAL_KEYS: tuple[str, ...] = ("psnr", "ssim", "dice", "accuracy", "auroc")
+HOLDOUT_FRACTION = 0.25
+
+
+def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The :data:`EVAL_KEYS` (NaN where not computable) and ``loss``: the same keys at every site."""
+    nan = float("nan")
+    return {k: float(metrics.get(k, nan)) for k in EVAL_KEYS} | {"loss": float(metrics.get("loss_total", nan))}
+
+
+def split_holdout(n: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[int], list[int]]:
+    """Deterministic (train, held-out) split of ``n`` subject indices; at least one of each when n >= 2."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_hold = min(max(1, round(n * fraction)), n - 1) if n >= 2 else 0
+    return sorted(order[n_hold:]), sorted(order[:n_hold])
+
+
+def build_model(settings: RunSettings) -> PIRNet:
+    """The federation's model, identical at the server and at every site."""
+    torch.manual_seed(settings.seed)
+    size = settings.volume_size
+    return PIRNet(PIRConfig(modalities=settings.vocabulary, spatial_size=(size, size, size)))
+
+
+def dp_config(settings: RunSettings) -> DPConfig:
+    """The site's DP-SGD settings: a fixed noise multiplier, or (noise-multiplier = 0) the one that
+    spends exactly the budget over all planned rounds of the run."""
+    common = dict(max_grad_norm=settings.max_grad_norm, budget_epsilon=settings.epsilon_budget)
+    if not settings.dp:
+        return DPConfig(enabled=False, **common)
+    if settings.noise_multiplier > 0:
+        return DPConfig(noise_multiplier=settings.noise_multiplier, **common)
+    rounds = settings.pretrain_rounds + settings.finetune_rounds
+    return DPConfig(target_epsilon=settings.epsilon_budget, planned_rounds=rounds, **common)
+
+
+def site_data(settings: RunSettings, data_dir: Path, name: str) -> tuple[Subset, Subset, list[str]]:
+    """A site's validated data, split into training and held-out patients, and its modalities."""
+    size = settings.volume_size
+    dataset, report = load_site(data_dir, settings.vocabulary, (size, size, size))
+    for issue in report.bad:
+        log.warning("site %s: skipping %s", name, issue)
+    train_idx, hold_idx = split_holdout(len(dataset), settings.seed)
+    return Subset(dataset, train_idx), Subset(dataset, hold_idx), _site_modalities(dataset)
+
+
+class Site:
+    """A site's data split, model, trainer and local state."""
+
+    def __init__(self, settings: RunSettings, data_dir: Path, state_dir: Path, name: str | None = None) -> None:
+        self.settings = settings
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.name = name or Path(data_dir).name
+        self.train_set, self.holdout_set, self.modalities = site_data(settings, data_dir, self.name)
+        self.model = build_model(settings)
+        self.local_state_path = self.state_dir / "local_state.pt"
+        if self.local_state_path.is_file():
+            self.model.load_state_dict(torch.load(self.local_state_path), strict=False)
+        self.trainer = LocalTrainer(
+            self.model,
+            self.train_set,
+            dp=dp_config(settings),
+            loss_cfg=LossConfig(),
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            seed=settings.seed + _stable_hash(self.name),
+            state_dir=self.state_dir,
+        )
+
+    # ---- what crosses the network -----------------------------------------------------------
+    @property
+    def sent_keys(self) -> list[str]:
+        """State-dict keys this site sends (and receives) under the run's key policy."""
+        return self.model.federated_keys(self.settings.key_policy)
+
+    def sent_state(self) -> dict[str, torch.Tensor]:
+        """The tensors the site sends to the server: exactly :attr:`sent_keys`, nothing else."""
+        state = self.model.state_dict()
+        return {k: state[k].detach().clone() for k in self.sent_keys}
+
+    def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the server's global weights; they must be exactly :attr:`sent_keys`."""
+        expected = set(self.sent_keys)
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"global weights do not match the key policy: missing {missing[:5]}, unexpected {extra[:5]}")
+        self.model.load_state_dict(state, strict=False)
+
+    def save_local(self) -> None:
+        """Persist the layers that never leave the site."""
+        state = self.model.state_dict()
+        kept = {k: v for k, v in state.items() if k not in set(self.sent_keys)}
+        tmp = self.local_state_path.with_suffix(".tmp")
+        torch.save(kept, tmp)
+        tmp.replace(self.local_state_path)
+
+    # ---- rounds ---------------------------------------------------------------------------
+    def train(self, stage: str, epochs: int, progress: bool = False) -> dict[str, float]:
+        """One local round of ``stage``; returns the trainer's metrics (losses, epsilon, ...)."""
+        task = self.settings.finetune_task if stage == "finetune" else None
+        freeze = self.settings.freeze_encoder and stage == "finetune"
+        metrics = self.trainer.train_round(stage=stage, epochs=epochs, task=task, progress=progress,
+                                           freeze_encoder=freeze)
+        self.save_local()
+        return metrics
+
+    def evaluate(self, stage: str) -> dict[str, float]:
+        """Held-out metrics with a fixed key set (see :func:`summary_metrics`)."""
+        task = self.settings.finetune_task if stage == "finetune" else None
+        return summary_metrics(self.trainer.evaluate(self.holdout_set, stage=stage, task=task))
+
+
+def _site_modalities(dataset: SiteDataset) -> list[str]:
+    present = np.zeros(len(dataset.modalities), dtype=bool)
+    for i in range(len(dataset)):
+        present |= dataset[i]["present"].numpy()
+    return [m for m, p in zip(dataset.modalities, present) if p]
+
+
+def _stable_hash(text: str) -> int:
+    return sum((i + 1) * ord(c) for i, c in enumerate(text)) % 10_000
+
+
+def site_state_dir(settings: RunSettings, site_name: str, configured: Any = None) -> Path:
+    """The site's state folder: the node config's, else under the run folder."""
+    return Path(str(configured)).expanduser() if configured else settings.run_path / "sites" / site_name
