@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "synth": "fedpir.simulation.synth_cli",
     "validate": "fedpir.data.validate_cli",
     "train": "fedpir.client.train_cli",
+    "simulate": "fedpir.simulation.simulate_cli",
 }
 
 

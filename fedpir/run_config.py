@@ -25,7 +25,7 @@ class RunSettings:
     seed: int = 0
     num_sites: int = 4
     subjects_per_site: int = 12
-    volume_size: int = 32
+    volume_size: int = 24
     modalities: str = "t1,t2,flair,pd"
     pretrain_rounds: int = 3
     finetune_rounds: int = 2

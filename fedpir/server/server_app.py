@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context
@@ -21,16 +22,18 @@ from fedpir.strategies import make_strategy
 log = logging.getLogger("fedpir.server")
 
 
-def ensure_federation(settings: RunSettings) -> None:
-    """Generate the synthetic federation when the run names none and it is not there yet."""
-    if settings.federation_dir or (settings.federation_path / "federation.json").is_file():
-        return
-    from fedpir.simulation.federation import generate_federation
+def ensure_federation(settings: RunSettings) -> Path:
+    """The run's federation folder. A run that names none gets the synthetic federation of its
+    settings, generated under the run folder on first use; a named one must exist."""
+    path = settings.federation_path
+    if settings.federation_dir:
+        if not path.is_dir():
+            raise FileNotFoundError(f"federation-dir {path} does not exist")
+    elif not (path / "federation.json").is_file():
+        from fedpir.simulation.federation import generate_for_run
 
-    size = settings.volume_size
-    generate_federation(settings.federation_path, n_sites=settings.num_sites,
-                        subjects_per_site=settings.subjects_per_site, shape=(size, size, size),
-                        seed=settings.seed)
+        generate_for_run(settings, path)
+    return path
 
 
 def stages(settings: RunSettings) -> list[Stage]:

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedpir.data.manifest import SiteManifest, SubjectRecord, write_manifest
+from fedpir.run_config import RunSettings
 from fedpir.simulation.anatomy import Anatomy, Grid, make_anatomy
 from fedpir.simulation.mr_signal import LITERATURE_1P5T
 from fedpir.simulation.phantoms import TISSUE_LABELS, sample_phantom
@@ -137,3 +138,10 @@ def generate_federation(
     }
     (out_dir / "federation.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out_dir
+
+
+def generate_for_run(settings: RunSettings, out_dir: Path) -> Path:
+    """The synthetic federation that a run's settings describe (sites, subjects, grid, seed)."""
+    size = settings.volume_size
+    return generate_federation(out_dir, n_sites=settings.num_sites, subjects_per_site=settings.subjects_per_site,
+                               shape=(size, size, size), seed=settings.seed, progress=True)

@@ -1,0 +1,180 @@
+"""The researcher's report: one Markdown page with tables and matplotlib plots, read from the runs.
+
+Every figure comes from the ``metrics.jsonl`` files that the runs wrote (and, for the slice grid,
+the exported fedpir model with one site's local layers), nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fedpir.client.site import build_model, site_data  # noqa: E402
+from fedpir.run_config import RunSettings  # noqa: E402
+from fedpir.server.rounds import MetricsLog  # noqa: E402
+
+Records = list[dict[str, Any]]
+
+
+def load_runs(out_dir: Path, methods: list[str]) -> dict[str, Records]:
+    """Each method's metrics records (methods without a run are left out)."""
+    return {m: MetricsLog(Path(out_dir) / m / "metrics.jsonl").read() for m in methods
+            if (Path(out_dir) / m / "metrics.jsonl").is_file()}
+
+
+def per_round(records: Records, kind: str, key: str) -> dict[int, float]:
+    """Mean over sites of ``metrics[key]`` for each round (NaNs ignored)."""
+    values: dict[int, list[float]] = defaultdict(list)
+    for rec in records:
+        if rec.get("kind") == kind and key in rec.get("metrics", {}):
+            value = float(rec["metrics"][key])
+            if math.isfinite(value):
+                values[rec["round"]].append(value)
+    return {r: float(np.mean(v)) for r, v in sorted(values.items())}
+
+
+def final_by_site(records: Records, kind: str = "evaluate") -> dict[str, dict[str, float]]:
+    """The last round's metrics of each site."""
+    last: dict[str, tuple[int, dict[str, float]]] = {}
+    for rec in records:
+        if rec.get("kind") == kind and rec["round"] >= last.get(rec["site"], (-1, {}))[0]:
+            last[rec["site"]] = (rec["round"], rec["metrics"])
+    return {site: metrics for site, (_, metrics) in sorted(last.items())}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def quality_table(runs: dict[str, Records], keys: tuple[str, ...]) -> str:
+    """Markdown table: one row per (method, site) with the final held-out metrics and epsilon."""
+    lines = ["| method | site | " + " | ".join(keys) + " | epsilon |", "|---" * (len(keys) + 3) + "|"]
+    for method, records in runs.items():
+        evaluated, trained = final_by_site(records), final_by_site(records, "train")
+        for site, metrics in evaluated.items():
+            eps = trained.get(site, trained.get("pooled", {})).get("epsilon")
+            cells = [_fmt(metrics.get(k)) for k in keys]
+            lines.append(f"| {method} | {site} | " + " | ".join(cells) + f" | {_fmt(eps)} |")
+        means = [_fmt(float(np.nanmean([m.get(k, np.nan) for m in evaluated.values()]))) for k in keys]
+        lines.append(f"| **{method}** | **mean** | " + " | ".join(means) + " | |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: dict[str, Records], path: Path) -> Path:
+    """Training loss, held-out PSNR (synthesis) and Dice per round, one line per method."""
+    panels = (("train", "loss_total", "training loss"), ("evaluate", "psnr", "held-out PSNR (dB)"),
+              ("evaluate", "dice", "held-out lesion Dice"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (kind, key, title) in zip(axes, panels):
+        for method, records in runs.items():
+            curve = per_round(records, kind, key)
+            if curve:
+                ax.plot(list(curve), list(curve.values()), marker="o", label=method)
+        ax.set(title=title, xlabel="round")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_per_site(runs: dict[str, Records], key: str, kind: str, title: str, path: Path) -> Path:
+    """Grouped bars: the final ``key`` of each site, one bar per method."""
+    finals = {m: final_by_site(r, kind) for m, r in runs.items()}
+    sites = sorted({s for f in finals.values() for s in f if s != "pooled"})
+    width = 0.8 / max(len(finals), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(sites)), 4))
+    for i, (method, final) in enumerate(finals.items()):
+        values = [final.get(s, final.get("pooled", {})).get(key, np.nan) for s in sites]
+        ax.bar(np.arange(len(sites)) + i * width, values, width, label=method)
+    ax.set_xticks(np.arange(len(sites)) + width * (len(finals) - 1) / 2, sites)
+    ax.set(title=title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def plot_synthesis(run_dir: Path, site: str, path: Path) -> Path | None:
+    """Slice grid for one held-out patient: each available input modality (rows) -> the model's
+    synthesis of every modality -> ground truth (last row). None when the run exported no model."""
+    settings = RunSettings.from_run_config(json.loads((run_dir / "run_config.json").read_text()))
+    model = build_model(settings)
+    model.load_state_dict(torch.load(run_dir / "global_model.pt"), strict=False)
+    local = run_dir / "sites" / site / "local_state.pt"
+    if local.is_file():
+        model.load_state_dict(torch.load(local), strict=False)
+    model.eval()
+    _, holdout, _ = site_data(settings, settings.federation_path / site, site)
+    item = holdout[0]
+    vocab, present = settings.vocabulary, item["present"].tolist()
+    inputs = [i for i, p in enumerate(present) if p]
+    mid = item["image"].shape[-1] // 2
+    fig, axes = plt.subplots(len(inputs) + 1, len(vocab) + 1, figsize=(2.2 * (len(vocab) + 1), 2.2 * (len(inputs) + 1)))
+    for row, m in enumerate(inputs):
+        x = item["image"][m : m + 1].unsqueeze(0)
+        synth = model.decode(model.encode(x, m))[0]
+        axes[row, 0].imshow(x[0, 0, :, :, mid].T, cmap="gray", origin="lower")
+        axes[row, 0].set_title(f"input {vocab[m]}", fontsize=9)
+        for col, name in enumerate(vocab, start=1):
+            axes[row, col].imshow(synth[col - 1, :, :, mid].T, cmap="gray", origin="lower")
+            axes[row, col].set_title(f"{vocab[m]} -> {name}", fontsize=9)
+    axes[-1, 0].set_title("ground truth", fontsize=9)
+    for col, name in enumerate(vocab, start=1):
+        if present[col - 1]:
+            axes[-1, col].imshow(item["image"][col - 1, :, :, mid].T, cmap="gray", origin="lower")
+            axes[-1, col].set_title(f"true {name}", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"{site}, held-out patient {item['subject']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: Path, methods: list[str], settings: RunSettings) -> Path:
+    """Write ``out_dir/report.md`` and its PNGs; returns the report's path."""
+    out_dir = Path(out_dir)
+    runs = load_runs(out_dir, methods)
+    task_key = "dice" if settings.finetune_task == "segmentation" else "accuracy"
+    figures = [
+        ("Loss and held-out metrics per round", plot_curves(runs, out_dir / "curves.png")),
+        (f"Final held-out {task_key} per site", plot_per_site(runs, task_key, "evaluate", f"held-out {task_key}", out_dir / f"{task_key}_per_site.png")),
+        ("Epsilon spent per site", plot_per_site(runs, "epsilon", "train", "epsilon spent", out_dir / "epsilon_per_site.png")),
+    ]
+    if "fedpir" in runs and (out_dir / "fedpir" / "global_model.pt").is_file():
+        site = max(final_by_site(runs["fedpir"]), key=lambda s: sum(
+            v for k, v in final_by_site(runs["fedpir"], "train")[s].items() if k.startswith("has-modality.")))
+        grid = plot_synthesis(out_dir / "fedpir", site, out_dir / "synthesis.png")
+        figures.append(("Cross-modal synthesis by the fedpir model (input -> every modality -> truth)", grid))
+    lines = [
+        "# fedpir simulation report", "",
+        f"Federation: `{settings.federation_path}`; {settings.num_sites} sites, seed {settings.seed}, "
+        f"{settings.volume_size}^3 voxels; {settings.pretrain_rounds} pretraining + {settings.finetune_rounds} "
+        f"fine-tuning rounds ({settings.finetune_task}); DP {'on' if settings.dp else 'off'}, "
+        f"budget epsilon {settings.epsilon_budget}.", "",
+        "## Final held-out metrics (last round)", "",
+        quality_table(runs, (task_key, *(("auroc",) if task_key == "accuracy" else ()), "psnr", "ssim")), "",
+    ]
+    for title, path in figures:
+        lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    (out_dir / "summary.json").write_text(json.dumps(
+        {m: final_by_site(r) for m, r in runs.items()}, indent=1, default=float))
+    return report

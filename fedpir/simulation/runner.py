@@ -1,0 +1,119 @@
+"""Run fedpir and its baselines on one federation, with the same data, schedule and seeds.
+
+Methods:
+    fedpir       Flower simulation; only the shared invariant weights are aggregated
+    fedavg       Flower simulation; every weight is aggregated (plain FedAvg)
+    fedbn        Flower simulation; everything but normalization layers (FedBN)
+    fedper       Flower simulation; everything but the task heads (FedPer)
+    local        each site trains alone, nothing is shared
+    centralized  all sites' training patients pooled in one trainer (the non-federated reference)
+
+Every method writes ``<out>/<method>/metrics.jsonl`` in the server's record format (see
+:class:`fedpir.server.rounds.MetricsLog`), so one report reads them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from torch.utils.data import ConcatDataset
+
+from fedpir.client.site import Site, build_model, dp_config, site_data, summary_metrics
+from fedpir.client.trainer import LocalTrainer
+from fedpir.run_config import RunSettings
+from fedpir.server.rounds import MetricsLog
+from fedpir.server.server_app import stages
+
+log = logging.getLogger("fedpir.simulation")
+
+FEDERATED: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper")
+METHODS: tuple[str, ...] = (*FEDERATED, "local", "centralized")
+#: What `fedpir simulate` runs unless told otherwise (FedPer is the second FedBN/FedPer-style baseline).
+DEFAULT_METHODS: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "local", "centralized")
+
+
+def site_names(settings: RunSettings) -> list[str]:
+    """The federation's site folders, in order."""
+    return sorted(p.name for p in settings.federation_path.glob("site-*") if p.is_dir())
+
+
+def run_flower(settings: RunSettings) -> None:
+    """One Flower simulation (Ray backend) of ``settings``: one SuperNode per site."""
+    from flwr.simulation import run_simulation
+
+    from fedpir.client.client_app import make_client_app
+    from fedpir.server.server_app import make_server_app
+
+    cores = os.cpu_count() or 1
+    run_simulation(
+        server_app=make_server_app(settings),
+        client_app=make_client_app(settings),
+        num_supernodes=len(site_names(settings)),
+        backend_config={"client_resources": {"num_cpus": cores, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": cores, "logging_level": "ERROR"}},
+    )
+
+
+def _schedule(settings: RunSettings, metrics_log: MetricsLog,
+              train: Callable[[str], dict[str, dict[str, float]]],
+              evaluate: Callable[[str], dict[str, dict[str, float]]]) -> None:
+    """The federated schedule without a server: per round, train then evaluate, log per site."""
+    rnd = 0
+    for stage in stages(settings):
+        for _ in range(stage.rounds):
+            rnd += 1
+            for kind, step in (("train", train), ("evaluate", evaluate)):
+                for site, metrics in step(stage.name).items():
+                    metrics_log.write(kind=kind, stage=stage.name, round=rnd, site=site, metrics=metrics)
+
+
+def run_local(settings: RunSettings) -> None:
+    """Local-only baseline: every site runs the same rounds on its own data, sharing nothing."""
+    sites = [Site(settings, settings.federation_path / name, settings.run_path / "sites" / name, name)
+             for name in site_names(settings)]
+    epochs = settings.local_epochs
+    _schedule(settings, MetricsLog(settings.run_path / "metrics.jsonl"),
+              lambda stage: {s.name: s.train(stage, epochs) for s in sites},
+              lambda stage: {s.name: s.evaluate(stage) for s in sites})
+
+
+def run_centralized(settings: RunSettings) -> None:
+    """Centralized reference: one model trained on the pooled training patients of all sites,
+    evaluated on each site's held-out patients."""
+    data = {name: site_data(settings, settings.federation_path / name, name) for name in site_names(settings)}
+    trainer = LocalTrainer(build_model(settings), ConcatDataset([d[0] for d in data.values()]),
+                           dp=dp_config(settings), batch_size=settings.batch_size, lr=settings.lr,
+                           seed=settings.seed, state_dir=settings.run_path / "pooled")
+    task = settings.finetune_task
+
+    def train(stage: str) -> dict[str, dict[str, float]]:
+        metrics = trainer.train_round(stage, settings.local_epochs, task if stage == "finetune" else None,
+                                      progress=False, freeze_encoder=settings.freeze_encoder and stage == "finetune")
+        return {"pooled": metrics}
+
+    def evaluate(stage: str) -> dict[str, dict[str, float]]:
+        return {name: summary_metrics(trainer.evaluate(holdout, stage, task if stage == "finetune" else None))
+                for name, (_, holdout, _) in data.items()}
+
+    _schedule(settings, MetricsLog(settings.run_path / "metrics.jsonl"), train, evaluate)
+
+
+def run_method(method: str, settings: RunSettings, out_dir: Path) -> Path:
+    """Run one method into ``out_dir/<method>`` (which must not hold an earlier run) and return it."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    run_dir = Path(out_dir) / method
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; choose another --out or remove it")
+    policy = method if method in FEDERATED else "local"
+    method_settings = replace(settings, run_dir=str(run_dir), federation_dir=str(settings.federation_path),
+                              key_policy=policy)
+    start = time.perf_counter()
+    {"local": run_local, "centralized": run_centralized}.get(method, run_flower)(method_settings)
+    log.info("%s finished in %.0f s", method, time.perf_counter() - start)
+    return run_dir
