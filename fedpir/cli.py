@@ -18,7 +18,7 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Parser with one subcommand per entry of COMMANDS (modules are imported lazily on use)."""
+    """Parser with one subcommand per entry of COMMANDS (each module imported here, torch only on run)."""
     parser = argparse.ArgumentParser(prog="fedpir", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():

@@ -1,10 +1,11 @@
 """Runs a real fedpir federation on Flower's simulation engine, for the integration tests.
 
-    python tests/federation_driver.py SETTINGS_JSON RECORD_JSONL [--fail-site N]
+    python tests/federation_driver.py SETTINGS_JSON RECORD_JSONL [--fail-site N] [--corrupt-site N]
 
 A client mod records every message a site receives and every reply it sends (array keys, shapes,
 a digest of the arrays, record names, metric types) to RECORD_JSONL; ``--fail-site N`` makes
-site N raise in every training round. Run as a subprocess so that each federation gets its own
+site N raise in every training round, ``--corrupt-site N`` puts a NaN into site N's update (a faulty
+hospital). Run as a subprocess so that each federation gets its own
 Ray runtime and can be killed like a crashed server.
 """
 
@@ -17,7 +18,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Array, Context, Message
 from flwr.simulation import run_simulation
 
 from fedpir.client.client_app import make_client_app
@@ -45,8 +46,8 @@ def describe(msg: Message) -> dict:
     }
 
 
-def recording_mod(record_path: str, fail_site: int | None):
-    """A Flower client mod that logs incoming and outgoing messages (and can fail one site)."""
+def recording_mod(record_path: str, fail_site: int | None, corrupt_site: int | None):
+    """A Flower client mod that logs incoming and outgoing messages (and can break one site)."""
 
     def mod(msg: Message, context: Context, call_next) -> Message:
         site = int(context.node_config["partition-id"])
@@ -54,6 +55,12 @@ def recording_mod(record_path: str, fail_site: int | None):
         if fail_site == site and msg.metadata.message_type == "train":
             raise RuntimeError(f"site {site} crashed on purpose")
         reply = call_next(msg, context)
+        if corrupt_site == site and msg.metadata.message_type == "train":
+            arrays = reply.content["arrays"]
+            key = next(iter(arrays.keys()))
+            broken = arrays[key].numpy().copy()
+            broken.flat[0] = np.nan
+            arrays[key] = Array(broken)
         entry["sent"] = describe(reply) if not reply.has_error() else {"error": reply.error.reason}
         with open(record_path, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
@@ -67,12 +74,13 @@ def main() -> None:
     parser.add_argument("settings")
     parser.add_argument("record")
     parser.add_argument("--fail-site", type=int)
+    parser.add_argument("--corrupt-site", type=int)
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     settings = RunSettings.from_run_config(json.loads(Path(args.settings).read_text()))
     run_simulation(
         server_app=make_server_app(settings),
-        client_app=make_client_app(settings, mods=[recording_mod(args.record, args.fail_site)]),
+        client_app=make_client_app(settings, mods=[recording_mod(args.record, args.fail_site, args.corrupt_site)]),
         num_supernodes=settings.num_sites,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -81,16 +81,21 @@ def test_sites_send_only_shared_weights_and_scalar_metrics(tmp_path: Path, feder
     assert (settings.run_path / "global_model.pt").is_file()
 
 
-def test_failing_site_is_dropped_and_the_round_goes_on(tmp_path: Path, federation16: Path) -> None:
+def test_failing_and_faulty_sites_are_dropped_and_the_round_goes_on(tmp_path: Path, federation16: Path) -> None:
     settings = tiny_settings(tmp_path, federation16, finetune_rounds=0)
-    run(settings, tmp_path, "--fail-site", "2")
+    run(settings, tmp_path, "--fail-site", "2", "--corrupt-site", "1")
     records = MetricsLog(settings.run_path / "metrics.jsonl").read()
     errors = [r for r in records if r["kind"] == "train-error"]
     trained = {r["site"] for r in records if r["kind"] == "train"}
     assert len(errors) == 1 and "crashed on purpose" in errors[0]["error"]
     assert trained == {"site-0", "site-1", "site-3"}
-    assert any(r["kind"] == "train-aggregate" and r["metrics"] for r in records)
-    assert json.loads((settings.run_path / "checkpoints" / "latest.json").read_text())["round"] == 1
+    reasons = [r["rejection"]["reason"] for r in records if r["kind"] == "rejected"]
+    assert sum("non-finite (NaN/Inf)" in reason for reason in reasons) == 1
+    assert sum("client error" in reason for reason in reasons) == 1
+    aggregate = [r for r in records if r["kind"] == "train-aggregate"]
+    assert len(aggregate) == 1 and aggregate[0]["metrics"]
+    with np.load(settings.run_path / "checkpoints" / "round-0001.npz") as data:
+        assert all(np.isfinite(data[k]).all() for k in data.files)
 
 
 def test_server_killed_after_round_k_resumes_at_k_plus_1(tmp_path: Path, federation16: Path) -> None:

@@ -24,7 +24,11 @@ def test_forward_shapes() -> None:
     x_h = net.encode(x, 1)
     assert x_h.shape == (2, 64, 2, 2, 2)
     assert net.decode(x_h).shape == (2, 3, *SIZE)
-    assert net.segment(x_h).shape == (2, 1, *SIZE)
+    x_h2, skips = net.encode_levels(x, 1)
+    assert torch.equal(x_h, x_h2) and [s.shape[1] for s in skips] == [8, 16, 32]
+    assert net.segment(x_h, skips).shape == (2, 1, *SIZE)
+    with pytest.raises(ValueError, match="skip features"):
+        net.segment(x_h)
     assert net.classify(x_h).shape == (2, 2)
     assert net.rotation_head(x_h).shape == (2, 4)
     assert net.projection_head(x_h).shape == (2, 32, 2, 2, 2)

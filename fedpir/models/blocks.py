@@ -68,8 +68,15 @@ class CNNEncoder(nn.Module):
             )
         )
 
+    def levels(self, x: Tensor) -> list[Tensor]:
+        """Features at every level, input resolution first, bottleneck last."""
+        out = [self.stem(x)]
+        for block in self.down:
+            out.append(block(out[-1]))
+        return out
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.stem(x))
+        return self.levels(x)[-1]
 
 
 class SwinEncoder(nn.Module):
@@ -95,6 +102,10 @@ class SwinEncoder(nn.Module):
             spatial_dims=3,
         )
         self.widths = (embed_dim, *(embed_dim * 2**i for i in range(5)))
+
+    def levels(self, x: Tensor) -> list[Tensor]:
+        """Only the bottleneck: the segmentation head of this backbone takes no skips."""
+        return [self.swin(x)[-1]]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.swin(x)[-1]

@@ -109,7 +109,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], modalities: 
             has_any = present.any(1)
             if "mask" in batch:
                 has_mask = True
-                seg = (torch.sigmoid(net.segment(x_rep)) > 0.5).float()
+                seg = (torch.sigmoid(net.segment(*net.represent(image, present, with_skips=True))) > 0.5).float()
                 mask = batch["mask"][has_any].float()
                 dice(seg[has_any], mask)
                 lesion_patients += int((mask.flatten(1).sum(1) > 0).sum())

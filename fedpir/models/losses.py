@@ -232,12 +232,13 @@ def finetune_losses(model: nn.Module, batch: dict[str, Tensor], task: str) -> di
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     net = unwrap(model)
     image, present = check_batch(net, batch)
-    x_h = net.represent(image, present)
     if task == "segmentation":
         if "mask" not in batch:
             raise KeyError("segmentation needs a 'mask' entry in the batch")
-        loss = DiceCELoss(sigmoid=True)(net.segment(x_h), batch["mask"].to(image))
+        x_h, skips = net.represent(image, present, with_skips=True)
+        loss = DiceCELoss(sigmoid=True)(net.segment(x_h, skips), batch["mask"].to(image))
     else:
+        x_h = net.represent(image, present)
         if "label" not in batch:
             raise KeyError("classification needs a 'label' entry in the batch")
         label = batch["label"].to(image.device).long()

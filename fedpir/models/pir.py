@@ -100,7 +100,7 @@ class PIRNet(nn.Module):
         self.decoder = ModalityDecoder(widths, cfg.modalities)
         self.rotation_head = PooledLinearHead(dim, 4)
         self.projection_head = ProjectionHead(dim, cfg.proj_dim)
-        self.seg_head = SegmentationHead(widths)
+        self.seg_head = SegmentationHead(widths, skips=cfg.backbone == "cnn")
         self.cls_head = PooledLinearHead(dim, cfg.num_classes)
 
     @property
@@ -125,18 +125,22 @@ class PIRNet(nn.Module):
 
     def encode(self, x: Tensor, modality: int) -> Tensor:
         """One modality [B, 1, D, H, W] -> X_h [B, C, d, h, w]."""
+        return self.encode_levels(x, modality)[0]
+
+    def encode_levels(self, x: Tensor, modality: int) -> tuple[Tensor, list[Tensor]]:
+        """One modality -> (X_h, the encoder's features above the bottleneck, input resolution first)."""
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"encode expects [B, 1, D, H, W], got {tuple(x.shape)}")
-        h = self.encoder(self.adapters(x, self.modality_index(modality)))
-        return self.fusion(h)
+        levels = self.encoder.levels(self.adapters(x, self.modality_index(modality)))
+        return self.fusion(levels[-1]), levels[:-1]
 
     def decode(self, x_h: Tensor) -> Tensor:
         """X_h -> every modality of the vocabulary [B, M, D, H, W]."""
         return self.decoder(x_h)
 
-    def segment(self, x_h: Tensor) -> Tensor:
-        """X_h -> lesion logits [B, 1, D, H, W]."""
-        return self.seg_head(x_h)
+    def segment(self, x_h: Tensor, skips: list[Tensor] | None = None) -> Tensor:
+        """X_h (and the encoder skips of :meth:`represent`) -> lesion logits [B, 1, D, H, W]."""
+        return self.seg_head(x_h, skips)
 
     def classify(self, x_h: Tensor) -> Tensor:
         """X_h -> class logits [B, num_classes]."""
@@ -146,15 +150,22 @@ class PIRNet(nn.Module):
         """X_h of every modality that some patient of the batch has: {modality index: X_h}."""
         return {m: self.encode(image[:, m : m + 1], m) for m in torch.nonzero(present.any(0)).flatten().tolist()}
 
-    def represent(self, image: Tensor, present: Tensor) -> Tensor:
+    def represent(self, image: Tensor, present: Tensor, with_skips: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Mean of X_h over each patient's available modalities (zeros for a patient with none).
 
-        image [B, M, D, H, W], present bool [B, M] -> [B, C, d, h, w].
+        image [B, M, D, H, W], present bool [B, M] -> [B, C, d, h, w]; with ``with_skips`` also the
+        per-patient mean of each encoder level above the bottleneck (for :meth:`segment`).
         """
-        x_hs = self.encode_available(image, present)
-        if not x_hs:
+        available = torch.nonzero(present.any(0)).flatten().tolist()
+        if not available:
             raise ValueError("no patient in the batch has any modality")
-        return average_over_modalities(x_hs, present)
+        encoded = {m: self.encode_levels(image[:, m : m + 1], m) for m in available}
+        x_h = average_over_modalities({m: e[0] for m, e in encoded.items()}, present)
+        if not with_skips:
+            return x_h
+        depth = len(encoded[available[0]][1])
+        skips = [average_over_modalities({m: e[1][i] for m, e in encoded.items()}, present) for i in range(depth)]
+        return x_h, skips
 
     # ---- the shared/local split (declared once) -------------------------------------------
     def key_groups(self) -> KeyGroups:

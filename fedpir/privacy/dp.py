@@ -14,6 +14,7 @@ across rounds, stages and client restarts.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,10 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
+
+# Opacus' backward hooks make torch warn when a layer's input needs no gradient (the first layer
+# sees the image); that is expected here and says nothing about the privacy guarantee.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 

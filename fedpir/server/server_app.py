@@ -40,7 +40,7 @@ def stages(settings: RunSettings) -> list[Stage]:
     """Federated pretraining rounds, then federated fine-tuning rounds."""
     common = {"local-epochs": settings.local_epochs}
     return [Stage("pretrain", settings.pretrain_rounds, common),
-            Stage("finetune", settings.finetune_rounds, {**common, "task": settings.finetune_task})]
+            Stage("finetune", settings.finetune_rounds, common)]
 
 
 def strategy_for(settings: RunSettings, model) -> object:
