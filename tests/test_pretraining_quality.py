@@ -101,8 +101,10 @@ def test_invariance_gap_rejects_single_modality_patients(pretrained) -> None:
 @pytest.mark.slow
 def test_pretrained_encoder_fine_tunes_to_better_dice(tmp_path: Path) -> None:
     """~12 min, the setting of docs/results/pretraining_quality.json. Measured there (U-Net style
-    head on encoder skips): Dice 0.728 pretrained vs 0.631 scratch on 11 held-out lesion patients,
-    8 labelled patients, one seed."""
+    head on encoder skips, 8 labelled patients, 11 held-out lesion patients, one seed): Dice 0.728
+    pretrained vs 0.631 scratch with the paper's plain invariance loss, but 0.606 vs 0.631 with the
+    scale-relative invariance loss now in fedpir.models.losses, so this currently FAILS: the
+    pretraining benefit is not robust (open in the model issue)."""
     settings = pq.Settings(**pq.SLOW_TEST_SETTINGS)
     result = pq.run(settings, tmp_path)
     dice = result["c_finetune_dice"]
