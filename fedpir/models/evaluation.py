@@ -16,7 +16,7 @@ from monai.metrics import DiceMetric, PSNRMetric, SSIMMetric, compute_roc_auc
 from torch import Tensor, nn
 
 from fedpir.models.losses import check_batch
-from fedpir.models.pir import PIRNet, average_over_modalities, unwrap
+from fedpir.models.pir import PIRNet, pool_levels, unwrap
 
 
 def _device(net: PIRNet) -> torch.device:
@@ -90,9 +90,10 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], modalities: 
             batch = _on_device(net, raw)
             image, present = check_batch(net, batch)
             present = present & selected
-            x_hs = net.encode_available(image, present)
-            if not x_hs:
+            encoded = net.encode_available(image, present)
+            if not encoded:
                 continue
+            x_hs = {m: x_h for m, (x_h, _) in encoded.items()}
             for s, x_h in x_hs.items():
                 pred = net.decode(x_h)
                 for t in x_hs:
@@ -105,11 +106,11 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], modalities: 
                         ssim[(s, t)] = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=_ssim_window(y.shape[2:]))
                     psnr[(s, t)](p, y)
                     ssim[(s, t)](p, y)
-            x_rep = average_over_modalities(x_hs, present)
+            x_rep, skips = pool_levels(encoded, present)
             has_any = present.any(1)
             if "mask" in batch:
                 has_mask = True
-                seg = (torch.sigmoid(net.segment(*net.represent(image, present, with_skips=True))) > 0.5).float()
+                seg = (torch.sigmoid(net.segment(x_rep, skips)) > 0.5).float()
                 mask = batch["mask"][has_any].float()
                 dice(seg[has_any], mask)
                 lesion_patients += int((mask.flatten(1).sum(1) > 0).sum())

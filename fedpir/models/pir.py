@@ -146,9 +146,9 @@ class PIRNet(nn.Module):
         """X_h -> class logits [B, num_classes]."""
         return self.cls_head(x_h)
 
-    def encode_available(self, image: Tensor, present: Tensor) -> dict[int, Tensor]:
-        """X_h of every modality that some patient of the batch has: {modality index: X_h}."""
-        return {m: self.encode(image[:, m : m + 1], m) for m in torch.nonzero(present.any(0)).flatten().tolist()}
+    def encode_available(self, image: Tensor, present: Tensor) -> dict[int, tuple[Tensor, list[Tensor]]]:
+        """(X_h, encoder skips) of every modality that some patient of the batch has, by modality index."""
+        return {m: self.encode_levels(image[:, m : m + 1], m) for m in torch.nonzero(present.any(0)).flatten().tolist()}
 
     def represent(self, image: Tensor, present: Tensor, with_skips: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Mean of X_h over each patient's available modalities (zeros for a patient with none).
@@ -156,16 +156,11 @@ class PIRNet(nn.Module):
         image [B, M, D, H, W], present bool [B, M] -> [B, C, d, h, w]; with ``with_skips`` also the
         per-patient mean of each encoder level above the bottleneck (for :meth:`segment`).
         """
-        available = torch.nonzero(present.any(0)).flatten().tolist()
-        if not available:
+        encoded = self.encode_available(image, present)
+        if not encoded:
             raise ValueError("no patient in the batch has any modality")
-        encoded = {m: self.encode_levels(image[:, m : m + 1], m) for m in available}
-        x_h = average_over_modalities({m: e[0] for m, e in encoded.items()}, present)
-        if not with_skips:
-            return x_h
-        depth = len(encoded[available[0]][1])
-        skips = [average_over_modalities({m: e[1][i] for m, e in encoded.items()}, present) for i in range(depth)]
-        return x_h, skips
+        x_h, skips = pool_levels(encoded, present)
+        return (x_h, skips) if with_skips else x_h
 
     # ---- the shared/local split (declared once) -------------------------------------------
     def key_groups(self) -> KeyGroups:
@@ -255,6 +250,14 @@ def average_over_modalities(x_hs: dict[int, Tensor], present: Tensor) -> Tensor:
     shape = (-1,) + (1,) * (next(iter(x_hs.values())).dim() - 1)
     total = sum(weights[:, m].view(shape) * x_h for m, x_h in x_hs.items())
     return total / weights.sum(1).clamp(min=1).view(shape)
+
+
+def pool_levels(encoded: dict[int, tuple[Tensor, list[Tensor]]], present: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Per-patient mean over available modalities of X_h and of each encoder skip level."""
+    x_h = average_over_modalities({m: e[0] for m, e in encoded.items()}, present)
+    depth = len(next(iter(encoded.values()))[1])
+    skips = [average_over_modalities({m: e[1][i] for m, e in encoded.items()}, present) for i in range(depth)]
+    return x_h, skips
 
 
 def unwrap(model: nn.Module) -> PIRNet:
