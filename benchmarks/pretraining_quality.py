@@ -10,14 +10,17 @@
     Measured on pooled X_h (``fedpir.models.evaluation.embed``) and on the full X_h map, before and
     after pretraining.
 (c) A pretrained encoder fine-tunes to a better lesion Dice than the same initialisation trained
-    from scratch, with the same small label budget, on held-out patients.
+    from scratch, with the same small label budget, on held-out patients: with the encoder frozen
+    (the segmentation head alone learns; this measures the representation) and trainable ("full").
 
 Protocol: the federation is written to a temporary folder; the last ``--held-out`` subjects of each
-site are the test patients, the rest (all sites pooled, no labels) are the pretraining set; the
-labelled set is ``--labelled`` lesion-bearing training patients drawn with ``--seed``. Pretrained
-and scratch models start from the same weights (one ``--seed``), fine-tune with the same data order
-and the same number of epochs. Fine-tuning is never private (it compares representations);
-``--dp`` makes pretraining patient-level DP-SGD at ``--epsilon`` (planned over all its rounds).
+site are the test patients, the rest (all sites pooled, no labels) are the pretraining set.
+Pretrained and scratch models start from the same weights (``--seed``, which also seeds the
+federation and pretraining). Each of ``--finetune-seeds`` draws ``--labelled`` lesion-bearing
+training patients and a data order, shared by both arms, which fine-tune for the same epochs; Dice
+is measured every ``--eval-every`` epochs and summarised over seeds as the paired difference
+(pretrained - scratch). Fine-tuning is never private (it compares representations); ``--dp`` makes
+pretraining patient-level DP-SGD at ``--epsilon`` (planned over all its rounds).
 
     python benchmarks/pretraining_quality.py --out docs/results/pretraining_quality.json
 """
@@ -44,11 +47,13 @@ from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import load_site
 from fedpir.models.evaluation import embed
 from fedpir.models.evaluation import evaluate as evaluate_model
+from fedpir.models.losses import CORE_TERMS
 from fedpir.models.pir import PIRConfig, PIRNet
 from fedpir.privacy.dp import DPConfig, collate_patients
 from fedpir.simulation.federation import generate_federation
 
-PRETRAIN_TERMS: tuple[str, ...] = ("rotation", "contrastive", "reconstruction", "invariance")
+#: How the encoder is fine-tuned: "frozen" (the segmentation head alone) or "full" (encoder too).
+FINETUNE_MODES: tuple[str, ...] = ("frozen", "full")
 #: The setting of docs/results/pretraining_quality.json (about 12 min on one CPU thread), used by the slow test.
 SLOW_TEST_SETTINGS: dict[str, Any] = {"pretrain_epochs": 20, "finetune_epochs": 150, "finetune_lr": 0.01}
 
@@ -71,13 +76,19 @@ class Settings:
     lr: float = 1e-3
     finetune_lr: float = 1e-3
     channels: tuple[int, ...] = (8, 16, 32, 64)
-    freeze_encoder: bool = False
+    finetune_modes: tuple[str, ...] = FINETUNE_MODES
+    finetune_seeds: tuple[int, ...] = (0, 1, 2)
+    eval_every: int = 25
 
     def __post_init__(self) -> None:
         if self.held_out < 2 or self.subjects <= self.held_out:
             raise ValueError(f"need 2 <= held_out < subjects, got held_out={self.held_out}, subjects={self.subjects}")
-        if min(self.pretrain_epochs, self.finetune_epochs, self.labelled, self.sites) < 1:
-            raise ValueError("sites, pretrain/finetune epochs and labelled must be >= 1")
+        if min(self.pretrain_epochs, self.finetune_epochs, self.labelled, self.sites, self.eval_every) < 1:
+            raise ValueError("sites, pretrain/finetune epochs, labelled and eval_every must be >= 1")
+        if not self.finetune_seeds:
+            raise ValueError("need at least one fine-tuning seed")
+        if not self.finetune_modes or set(self.finetune_modes) - set(FINETUNE_MODES):
+            raise ValueError(f"finetune_modes must be a non-empty subset of {FINETUNE_MODES}, got {self.finetune_modes}")
 
 
 def make_model(vocab: Sequence[str], size: int, channels: Sequence[int], seed: int) -> PIRNet:
@@ -108,7 +119,7 @@ def pretrain(
     """``epochs`` rounds of one local epoch each; returns every round's trainer metrics (``log``:
     one line per round on stderr)."""
     dp = (
-        DPConfig(target_epsilon=settings.epsilon, budget_epsilon=settings.epsilon, planned_rounds=epochs)
+        DPConfig(target_epsilon=settings.epsilon, budget_epsilon=settings.epsilon, planned_rounds=epochs, secret_noise=False)
         if settings.dp
         else DPConfig(enabled=False)
     )
@@ -119,7 +130,7 @@ def pretrain(
     for r in range(epochs):
         rounds.append(trainer.train_round("pretrain", epochs=1, progress=False))
         if log:
-            terms = " ".join(f"{t}={rounds[-1][f'loss_{t}']:.3f}" for t in PRETRAIN_TERMS)
+            terms = " ".join(f"{t}={rounds[-1][f'loss_{t}']:.3f}" for t in CORE_TERMS)
             print(f"pretrain round {r + 1}/{epochs}: {terms} ({rounds[-1]['seconds']:.0f} s)", file=sys.stderr)
     return rounds
 
@@ -127,7 +138,7 @@ def pretrain(
 def loss_drops(rounds: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
     """First and last round mean of each pretraining loss term, and last/first."""
     out = {}
-    for term in PRETRAIN_TERMS:
+    for term in CORE_TERMS:
         first, last = rounds[0][f"loss_{term}"], rounds[-1][f"loss_{term}"]
         out[term] = {"first": first, "last": last, "last_over_first": last / first}
     return out
@@ -138,7 +149,7 @@ def held_out_losses(model: PIRNet, dataset: Dataset, seed: int = 0) -> dict[str,
     the cross-modal synthesis PSNR/SSIM of :func:`fedpir.models.evaluation.evaluate`."""
     trainer = LocalTrainer(model, dataset, dp=DPConfig(enabled=False), seed=seed)
     metrics = trainer.evaluate(dataset, stage="pretrain")
-    out = {term: metrics[f"loss_{term}"] for term in PRETRAIN_TERMS}
+    out = {term: metrics[f"loss_{term}"] for term in CORE_TERMS}
     return out | {"psnr": metrics["psnr"], "ssim": metrics["ssim"]}
 
 
@@ -204,16 +215,43 @@ def labelled_subset(dataset: Dataset, count: int, seed: int) -> Subset:
     return Subset(dataset, sorted(int(i) for i in picked))
 
 
-def finetune_dice(model: PIRNet, labelled: Dataset, test: Dataset, settings: Settings) -> dict[str, Any]:
-    """Fine-tune segmentation (non-private) for ``finetune_epochs``; Dice on ``test`` (lesion patients)."""
+def finetune_dice(
+    model: PIRNet, labelled: Dataset, test: Dataset, settings: Settings, seed: int, mode: str
+) -> dict[str, Any]:
+    """Fine-tune segmentation (non-private, data order from ``seed``; ``mode`` "frozen": the head
+    only, "full": encoder too) for ``finetune_epochs``; Dice on ``test`` (its lesion patients)
+    every ``eval_every`` epochs and at the end."""
     trainer = LocalTrainer(
-        model, labelled, dp=DPConfig(enabled=False), batch_size=settings.batch_size, lr=settings.finetune_lr,
-        seed=settings.seed,
+        model, labelled, dp=DPConfig(enabled=False), batch_size=settings.batch_size, lr=settings.finetune_lr, seed=seed
     )
-    metrics = trainer.train_round("finetune", epochs=settings.finetune_epochs, task="segmentation",
-                                  progress=False, freeze_encoder=settings.freeze_encoder)
-    scores = evaluate_model(model, DataLoader(test, batch_size=8, collate_fn=collate_patients))
-    return {"dice": scores["dice"], "train_loss_last_round": metrics["loss_segmentation"], "seconds": metrics["seconds"]}
+    loader = DataLoader(test, batch_size=8, collate_fn=collate_patients)
+    curve: dict[int, float] = {}
+    seconds = 0.0
+    while (done := max(curve, default=0)) < settings.finetune_epochs:
+        epochs = min(settings.eval_every, settings.finetune_epochs - done)
+        metrics = trainer.train_round("finetune", epochs=epochs, task="segmentation", progress=False,
+                                      freeze_encoder=mode == "frozen")
+        seconds += metrics["seconds"]
+        curve[done + epochs] = evaluate_model(model, loader)["dice"]
+    return {"dice": curve[settings.finetune_epochs], "dice_by_epoch": curve,
+            "train_loss_last_round": metrics["loss_segmentation"], "seconds": seconds}
+
+
+def compare(arms: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Over seeds (``arms``: one {"scratch": .., "pretrained": ..} of :func:`finetune_dice` results
+    per seed), at each fine-tuning epoch checkpoint: mean Dice of each arm, the mean and sample
+    standard deviation of the paired difference (pretrained - scratch), and the share of seeds won."""
+    out = {}
+    for epoch in arms[0]["scratch"]["dice_by_epoch"]:
+        scratch = np.array([a["scratch"]["dice_by_epoch"][epoch] for a in arms])
+        pretrained = np.array([a["pretrained"]["dice_by_epoch"][epoch] for a in arms])
+        diff = pretrained - scratch
+        out[str(epoch)] = {
+            "scratch": float(scratch.mean()), "pretrained": float(pretrained.mean()),
+            "difference": float(diff.mean()), "difference_std": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
+            "pretrained_wins": float((diff > 0).mean()),
+        }
+    return out
 
 
 def run(settings: Settings, work_dir: Path) -> dict[str, Any]:
@@ -233,39 +271,81 @@ def run(settings: Settings, work_dir: Path) -> dict[str, Any]:
     held_out = {"init": held_out_losses(init, test, settings.seed), "pretrained": held_out_losses(model, test, settings.seed)}
     print(f"pretraining done after {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
-    labelled = labelled_subset(train, settings.labelled, settings.seed)
-    scratch = finetune_dice(copy.deepcopy(init), labelled, test, settings)
-    pretrained = finetune_dice(copy.deepcopy(model), labelled, test, settings)
+    per_seed = []
+    for seed in settings.finetune_seeds:
+        labelled = labelled_subset(train, settings.labelled, seed)
+        runs: dict[str, Any] = {"seed": seed, "labelled_subjects": [labelled[i]["subject"] for i in range(len(labelled))]}
+        for mode in settings.finetune_modes:
+            runs[mode] = {arm: finetune_dice(copy.deepcopy(start), labelled, test, settings, seed, mode)
+                          for arm, start in (("scratch", init), ("pretrained", model))}
+            print(f"fine-tune seed {seed}, {mode} encoder: Dice scratch {runs[mode]['scratch']['dice']:.3f}, "
+                  f"pretrained {runs[mode]['pretrained']['dice']:.3f}", file=sys.stderr)
+        per_seed.append(runs)
 
     return {
         "settings": asdict(settings),
         "data": {
             "vocabulary": vocab, "train_patients": len(train), "test_patients": len(test),
             "test_lesion_patients": sum(int(test[i]["label"]) == 1 for i in range(len(test))),
-            "labelled_subjects": [labelled[i]["subject"] for i in range(len(labelled))],
         },
         "a_pretraining_losses": {
             "per_term": loss_drops(rounds),
             "all_terms_lower": all(v["last"] < v["first"] for v in loss_drops(rounds).values()),
             "held_out": held_out,
-            "held_out_all_terms_lower": all(held_out["pretrained"][t] < held_out["init"][t] for t in PRETRAIN_TERMS),
+            "held_out_all_terms_lower": all(held_out["pretrained"][t] < held_out["init"][t] for t in CORE_TERMS),
             "rounds": [{k: v for k, v in r.items() if k.startswith("loss_") or k in ("epsilon", "seconds")} for r in rounds],
         },
         "b_invariance": {"init": gap_init, "pretrained": gap_pre},
         "c_finetune_dice": {
-            "scratch": scratch, "pretrained": pretrained,
-            "pretrained_minus_scratch": pretrained["dice"] - scratch["dice"],
+            "by_mode_and_epoch": {mode: compare([r[mode] for r in per_seed]) for mode in settings.finetune_modes},
+            "per_seed": per_seed,
         },
         "epsilon": rounds[-1].get("epsilon"),
         "total_seconds": time.perf_counter() - start,
     }
 
 
+def plot_finetune_dice(result: dict[str, Any], path: Path) -> Path:
+    """Held-out Dice against fine-tuning epochs, one panel per mode: each arm's mean over the seeds
+    (line) and the individual seeds (dots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dice = result["c_finetune_dice"]
+    modes = list(dice["by_mode_and_epoch"])
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        summary = dice["by_mode_and_epoch"][mode]
+        epochs = [int(e) for e in summary]
+        for arm, color in (("scratch", "tab:gray"), ("pretrained", "tab:blue")):
+            ax.plot(epochs, [summary[str(e)][arm] for e in epochs], color=color, marker="o", label=f"{arm} (mean)")
+            for run in dice["per_seed"]:
+                curve = run[mode][arm]["dice_by_epoch"]
+                ax.scatter([int(e) for e in curve], list(curve.values()), color=color, alpha=0.35, s=12)
+        ax.set(title={"frozen": "encoder frozen (head only)", "full": "encoder fine-tuned too"}[mode], xlabel="fine-tuning epoch", ylabel="held-out lesion Dice")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    s = result["settings"]
+    fig.suptitle(f"{s['labelled']} labelled patients, seeds {s['finetune_seeds']}, fine-tune lr {s['finetune_lr']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    """"8,16,32" -> (8, 16, 32)."""
+    return tuple(int(c) for c in text.split(","))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None]:
     """Settings and output path from the command line."""
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="write the JSON summary here too")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the JSON summary here too, and the fine-tuning Dice plot beside it (.png)")
     p.add_argument("--size", type=int, default=d.size, help="volume edge (voxels)")
     p.add_argument("--sites", type=int, default=d.sites)
     p.add_argument("--subjects", type=int, default=d.subjects, help="subjects per site")
@@ -279,8 +359,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="pretraining learning rate (Adam)")
     p.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help="fine-tuning learning rate (Adam)")
-    p.add_argument("--channels", type=lambda s: tuple(int(c) for c in s.split(",")), default=d.channels)
-    p.add_argument("--freeze-encoder", action="store_true", help="fine-tune the segmentation head only")
+    p.add_argument("--channels", type=int_tuple, default=d.channels)
+    p.add_argument("--finetune-modes", type=lambda t: tuple(t.split(",")), default=d.finetune_modes,
+                   help="frozen (segmentation head only) and/or full (encoder too), comma-separated")
+    p.add_argument("--finetune-seeds", type=int_tuple, default=d.finetune_seeds,
+                   help="comma-separated; each draws a labelled set and a data order shared by both arms")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out Dice every N fine-tuning epochs")
     p.add_argument("--threads", type=int, default=1, help="torch threads (see docs/results/training_speed.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -299,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+        plot_finetune_dice(result, out.with_suffix(".png"))
     return 0
 
 

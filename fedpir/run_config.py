@@ -38,6 +38,7 @@ class RunSettings:
     epsilon_budget: float = 8.0
     noise_multiplier: float = 0.0  # 0: the noise that spends epsilon_budget over all rounds
     max_grad_norm: float = 1.0
+    secret_noise: bool = True  # DP noise and sampling unknowable from the seed (fedpir.privacy.dp.DPConfig)
     finetune_task: str = "segmentation"
     freeze_encoder: bool = False
     min_sites: int = 2

@@ -111,7 +111,7 @@ def test_restart_continues_the_ledger(site, tmp_path: Path) -> None:
 def test_empty_poisson_batches_are_noise_only_steps(site) -> None:
     vocab, dataset = site
     model = make_model(vocab)
-    trainer = LocalTrainer(model, Subset(dataset, range(3)), dp=DPConfig(noise_multiplier=1.0, budget_epsilon=100.0), batch_size=1)
+    trainer = LocalTrainer(model, Subset(dataset, range(3)), dp=DPConfig(noise_multiplier=1.0, budget_epsilon=100.0, secret_noise=False), batch_size=1)
     out = trainer.train_round("finetune", epochs=3, task="classification", progress=False)
     assert out["steps"] == 9 and out["empty_batches"] > 0  # P(empty) = (2/3)^3 per step; fixed seed
     assert out["epsilon"] == pytest.approx(independent_epsilon(1.0, 1 / 3, 9), rel=1e-9)
@@ -120,7 +120,7 @@ def test_empty_poisson_batches_are_noise_only_steps(site) -> None:
 @pytest.mark.parametrize("enabled", [False, True], ids=["no-dp", "dp"])
 def test_same_seed_same_round(site, enabled: bool, tmp_path: Path) -> None:
     vocab, dataset = site
-    dp = DPConfig(enabled=enabled, noise_multiplier=1.0 if enabled else None)
+    dp = DPConfig(enabled=enabled, noise_multiplier=1.0 if enabled else None, secret_noise=False)
     runs = []
     for k in range(2):
         model = make_model(vocab)
@@ -132,3 +132,18 @@ def test_same_seed_same_round(site, enabled: bool, tmp_path: Path) -> None:
     assert runs[0][0]["dp"] == float(enabled) and ("epsilon" in runs[0][0]) == enabled
     entry = json.loads((tmp_path / "0" / "privacy_ledger.jsonl").read_text())
     assert entry["dp"] is enabled and ("epsilon" in entry) == enabled
+
+
+def test_secret_noise_is_not_replayable_from_the_seed(site) -> None:
+    """By default (deployment) the DP noise and sampling come from OS entropy: two runs with the
+    same seed, model and data end with different weights, though each spends the same epsilon."""
+    vocab, dataset = site
+    runs = []
+    for _ in range(2):
+        model = make_model(vocab)
+        trainer = LocalTrainer(model, dataset, dp=DPConfig(noise_multiplier=1.0), seed=7)
+        out = trainer.train_round("finetune", task="classification", progress=False)
+        runs.append((out["epsilon"], state(model)))
+    assert runs[0][0] == runs[1][0]
+    trained = [k for k, p in make_model(vocab).named_parameters() if k.startswith("cls_head")]
+    assert trained and not all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in trained)

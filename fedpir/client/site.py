@@ -56,7 +56,8 @@ def build_model(settings: RunSettings) -> PIRNet:
 def dp_config(settings: RunSettings) -> DPConfig:
     """The site's DP-SGD settings: a fixed noise multiplier, or (noise-multiplier = 0) the one that
     spends exactly the budget over all planned rounds of the run."""
-    common = dict(max_grad_norm=settings.max_grad_norm, budget_epsilon=settings.epsilon_budget)
+    common = dict(max_grad_norm=settings.max_grad_norm, budget_epsilon=settings.epsilon_budget,
+                  secret_noise=settings.secret_noise)
     if not settings.dp:
         return DPConfig(enabled=False, **common)
     if settings.noise_multiplier > 0:

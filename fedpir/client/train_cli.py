@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the per-round records and the config here (JSON)")
     parser.add_argument("--state-dir", type=Path, help="site state folder holding the privacy ledger")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reproducible-noise", action="store_true",
+                        help="seed DP noise and sampling from --seed (experiments only: whoever knows the seed can replay the noise)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -90,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         accountant=args.accountant,
         budget_epsilon=args.epsilon,
         planned_rounds=args.rounds,
+        secret_noise=not args.reproducible_noise,
     )
     torch.manual_seed(args.seed)
     model = PIRNet(PIRConfig(modalities, spatial_size=(args.size,) * 3))

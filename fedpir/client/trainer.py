@@ -8,6 +8,7 @@ that would exceed the site's budget is refused before it changes anything.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -49,9 +50,8 @@ class LocalTrainer:
     The epsilon budget, delta and accountant history live in the ledger of ``state_dir`` (in memory
     when None), so a new trainer on the same folder continues the site's accounting. ``seed`` makes
     rounds reproducible: the sampling, noise and augmentation streams of round r are seeded by
-    (seed, r), with r counted in the ledger, so no two rounds of a site reuse a stream.
-    Note: a known seed makes the DP noise reproducible by whoever knows it; deployments should
-    draw the seed at random.
+    (seed, r), with r counted in the ledger, so no two rounds of a site reuse a stream; under DP
+    with ``dp.secret_noise`` (the default) the noise and sampling streams are secret instead.
     """
 
     def __init__(
@@ -152,9 +152,11 @@ class LocalTrainer:
         return self._session
 
     def _seed_round(self, round_index: int) -> None:
-        seeds = np.random.SeedSequence([self.seed, round_index]).generate_state(3, np.uint64)
+        seeds = [int(s) for s in np.random.SeedSequence([self.seed, round_index]).generate_state(3, np.uint64)]
+        if self.budget is not None and self.dp.secret_noise:
+            seeds[:2] = [secrets.randbits(63), secrets.randbits(63)]  # sampling and noise: see DPConfig
         for gen, s in zip((self._data_gen, self._noise_gen, self._loss_gen), seeds, strict=True):
-            gen.manual_seed(int(s) % 2**63)
+            gen.manual_seed(s % 2**63)
 
     def _losses(self, model_stage: str, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = _to_device(batch, self.device)

@@ -41,6 +41,8 @@ from fedpir.models.augment import (
 from fedpir.models.pir import PIRNet, unwrap
 
 TASKS = ("segmentation", "classification")
+#: The pretraining terms always computed (the Alice terms "mim" and "anatomical" are optional).
+CORE_TERMS: tuple[str, ...] = ("rotation", "contrastive", "reconstruction", "invariance")
 
 
 @dataclass
@@ -197,7 +199,7 @@ def pretrain_losses(
         raise ValueError("no patient in the batch has any modality: nothing to pretrain on")
     seeds = patient_seeds(image.shape[0], batch.get("seed"), generator)
     weights = present.to(image.dtype)
-    names = ["rotation", "contrastive", "reconstruction", "invariance"]
+    names = list(CORE_TERMS)
     names += ["mim"] * cfg.mim + ["anatomical"] * cfg.anatomical
     terms = {name: image.new_zeros(image.shape[0]) for name in names}
     clean: dict[int, Tensor] = {}

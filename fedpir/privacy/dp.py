@@ -54,6 +54,12 @@ class DPConfig:
         accountant: ``"rdp"`` or ``"prv"`` (Opacus accountants).
         budget_epsilon: the site's total budget; a round that would exceed it is refused.
         planned_rounds: how many local rounds ``target_epsilon`` is spread over.
+        secret_noise: seed each round's Gaussian noise and Poisson sampling from the operating
+            system's entropy (:mod:`secrets`), so that nobody who knows the run's seed, the
+            server included, can replay the noise and subtract it from an update. False seeds them
+            from the trainer's seed: reproducible experiments, only where the seed's owner is the
+            data's owner. (Opacus' own ``secure_mode`` needs torchcsprng, which has no build for
+            current torch; this is the stand-in, on torch's generator.)
     """
 
     enabled: bool = True
@@ -64,6 +70,7 @@ class DPConfig:
     accountant: str = "rdp"
     budget_epsilon: float = 8.0
     planned_rounds: int = 1
+    secret_noise: bool = True
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:

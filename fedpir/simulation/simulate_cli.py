@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, default=d.epsilon_budget, help="privacy budget per site")
     p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--secret-noise", action="store_true",
+                   help="draw DP noise from OS entropy, as deployments do (default: from --seed, so a run repeats)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir=str(out), seed=args.seed, num_sites=args.sites, subjects_per_site=args.subjects,
         volume_size=args.size, pretrain_rounds=args.pretrain_rounds, finetune_rounds=args.finetune_rounds,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, strategy=args.strategy,
-        dp=not args.no_dp, epsilon_budget=args.epsilon, finetune_task=args.task,
+        dp=not args.no_dp, epsilon_budget=args.epsilon, secret_noise=args.secret_noise, finetune_task=args.task,
         min_sites=min(RunSettings().min_sites, args.sites),
     )
     if not args.federation:
