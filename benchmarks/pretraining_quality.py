@@ -22,7 +22,13 @@ is measured every ``--eval-every`` epochs and summarised over seeds as the paire
 (pretrained - scratch). Fine-tuning is never private (it compares representations); ``--dp`` makes
 pretraining patient-level DP-SGD at ``--epsilon`` (planned over all its rounds).
 
-    python benchmarks/pretraining_quality.py --out docs/results/pretraining_quality.json
+The setting of docs/results/pretraining_quality.json (about 30 min on one CPU thread; the slow test
+runs it; variants with both fine-tuning modes, lr 0.01 and DP pretraining are in
+docs/results/pretraining_quality_variants/, each JSON with its command):
+
+    python benchmarks/pretraining_quality.py --size 32 --pretrain-epochs 20 --finetune-epochs 150 \
+        --finetune-lr 0.001 --finetune-seeds 0,1,2,3,4,5 --finetune-modes full \
+        --out docs/results/pretraining_quality.json
 """
 
 from __future__ import annotations
@@ -54,8 +60,11 @@ from fedpir.simulation.federation import generate_federation
 
 #: How the encoder is fine-tuned: "frozen" (the segmentation head alone) or "full" (encoder too).
 FINETUNE_MODES: tuple[str, ...] = ("frozen", "full")
-#: The setting of docs/results/pretraining_quality.json (about 12 min on one CPU thread), used by the slow test.
-SLOW_TEST_SETTINGS: dict[str, Any] = {"pretrain_epochs": 20, "finetune_epochs": 150, "finetune_lr": 0.01}
+#: The setting of docs/results/pretraining_quality.json (see the module doc), used by the slow test.
+SLOW_TEST_SETTINGS: dict[str, Any] = {
+    "pretrain_epochs": 20, "finetune_epochs": 150, "finetune_lr": 1e-3, "finetune_seeds": (0, 1, 2, 3, 4, 5),
+    "finetune_modes": ("full",),
+}
 
 
 @dataclass
