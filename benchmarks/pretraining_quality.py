@@ -324,7 +324,7 @@ def plot_finetune_dice(result: dict[str, Any], path: Path) -> Path:
 
     dice = result["c_finetune_dice"]
     modes = list(dice["by_mode_and_epoch"])
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(max(6.5, 5 * len(modes)), 3.8), sharey=True, squeeze=False)
     for ax, mode in zip(axes[0], modes):
         summary = dice["by_mode_and_epoch"][mode]
         epochs = [int(e) for e in summary]

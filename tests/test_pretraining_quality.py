@@ -7,8 +7,9 @@ patients, and more so (scale-free ratio) than at initialisation.
 
 Scale caveats, measured in docs/results/pretraining_quality.json (32^3, 20 epochs): at this size
 the rotation term only falls from its initial value to about chance (ln 4); it is learned later
-(0.04 after 20 epochs at 32^3). The absolute invariance term falls here but *rises* over a long
-run because X_h grows in scale; the scale-free ratio of (b) keeps improving.
+(0.05 after 20 epochs at 32^3). The invariance term is lowest after two epochs (0.011) and then
+creeps up (0.024 after 20) as the other terms shape X_h; the scale-free ratio of (b) keeps falling.
+Claim (c), pretrained beats scratch after fine-tuning, needs the larger setting: the slow test.
 """
 
 from __future__ import annotations
@@ -138,11 +139,14 @@ def test_frozen_fine_tuning_leaves_the_encoder_untouched(pretrained) -> None:
 
 @pytest.mark.slow
 def test_pretrained_encoder_fine_tunes_to_better_dice(tmp_path: Path) -> None:
-    """About 35 min on one CPU thread: the setting of docs/results/pretraining_quality.json (three
-    label draws, frozen and trainable encoder). Over the seeds, the pretrained encoder's held-out
-    Dice after the last fine-tuning epoch beats the scratch encoder's on average, in both modes."""
+    """About 30 min on one CPU thread: the setting of docs/results/pretraining_quality.json (six label
+    draws of 8 patients, the whole network fine-tuned at lr 1e-3). Over the draws, the pretrained
+    encoder's held-out Dice after the last fine-tuning epoch beats the scratch encoder's on average
+    and in most draws. (At lr 1e-2 the scratch encoder catches up, and frozen pretrained features
+    are no better than random ones: docs/results/pretraining_quality_variants/.)"""
     settings = pq.Settings(**pq.SLOW_TEST_SETTINGS)
     result = pq.run(settings, tmp_path)
     final = str(settings.finetune_epochs)
     for mode, by_epoch in result["c_finetune_dice"]["by_mode_and_epoch"].items():
         assert by_epoch[final]["difference"] > 0, (mode, by_epoch[final])
+        assert by_epoch[final]["pretrained_wins"] > 0.5, (mode, by_epoch[final])
