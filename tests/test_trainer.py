@@ -132,6 +132,7 @@ def test_same_seed_same_round(site, enabled: bool, tmp_path: Path) -> None:
     assert runs[0][0]["dp"] == float(enabled) and ("epsilon" in runs[0][0]) == enabled
     entry = json.loads((tmp_path / "0" / "privacy_ledger.jsonl").read_text())
     assert entry["dp"] is enabled and ("epsilon" in entry) == enabled
+    assert entry.get("secret_noise") is (False if enabled else None)  # the auditor sees replayable noise
 
 
 def test_secret_noise_is_not_replayable_from_the_seed(site) -> None:
@@ -144,6 +145,7 @@ def test_secret_noise_is_not_replayable_from_the_seed(site) -> None:
         trainer = LocalTrainer(model, dataset, dp=DPConfig(noise_multiplier=1.0), seed=7)
         out = trainer.train_round("finetune", task="classification", progress=False)
         runs.append((out["epsilon"], state(model)))
+        assert trainer.ledger.entries[-1]["secret_noise"] is True
     assert runs[0][0] == runs[1][0]
     trained = [k for k, p in make_model(vocab).named_parameters() if k.startswith("cls_head")]
     assert trained and not all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in trained)

@@ -228,7 +228,8 @@ class LocalTrainer:
             if self.budget is not None and plan is not None:
                 counted = sum(h[2] for h in self.budget.accountant.history) - steps_before
                 if counted:  # a failed round still spent what it counted
-                    self.budget.record(stage=stage, plan=plan, steps=counted, completed=completed, **record)
+                    self.budget.record(stage=stage, plan=plan, steps=counted, completed=completed,
+                                       secret_noise=self.dp.secret_noise, **record)
                 if completed and counted != plan.steps:
                     raise RuntimeError(f"accountant counted {counted} steps, planned {plan.steps}")
             elif completed:
