@@ -22,7 +22,7 @@ is measured every ``--eval-every`` epochs and summarised over seeds as the paire
 (pretrained - scratch). Fine-tuning is never private (it compares representations); ``--dp`` makes
 pretraining patient-level DP-SGD at ``--epsilon`` (planned over all its rounds).
 
-The setting of docs/results/pretraining_quality.json (about 30 min on one CPU thread; the slow test
+The setting of docs/results/pretraining_quality.json (30-40 min on one CPU thread; the slow test
 runs it; variants with both fine-tuning modes, lr 0.01 and DP pretraining are in
 docs/results/pretraining_quality_variants/, each JSON with its command):
 
@@ -58,8 +58,8 @@ from fedpir.models.pir import PIRConfig, PIRNet
 from fedpir.privacy.dp import DPConfig, collate_patients
 from fedpir.simulation.federation import generate_federation
 
-#: How the encoder is fine-tuned: "frozen" (the segmentation head alone) or "full" (encoder too).
-FINETUNE_MODES: tuple[str, ...] = ("frozen", "full")
+#: How the encoder is fine-tuned, with the plot's panel title of each mode.
+FINETUNE_MODES: dict[str, str] = {"frozen": "encoder frozen (head only)", "full": "encoder fine-tuned too"}
 #: The setting of docs/results/pretraining_quality.json (see the module doc), used by the slow test.
 SLOW_TEST_SETTINGS: dict[str, Any] = {
     "pretrain_epochs": 20, "finetune_epochs": 150, "finetune_lr": 1e-3, "finetune_seeds": (0, 1, 2, 3, 4, 5),
@@ -85,7 +85,7 @@ class Settings:
     lr: float = 1e-3
     finetune_lr: float = 1e-3
     channels: tuple[int, ...] = (8, 16, 32, 64)
-    finetune_modes: tuple[str, ...] = FINETUNE_MODES
+    finetune_modes: tuple[str, ...] = tuple(FINETUNE_MODES)
     finetune_seeds: tuple[int, ...] = (0, 1, 2)
     eval_every: int = 25
 
@@ -97,7 +97,7 @@ class Settings:
         if not self.finetune_seeds:
             raise ValueError("need at least one fine-tuning seed")
         if not self.finetune_modes or set(self.finetune_modes) - set(FINETUNE_MODES):
-            raise ValueError(f"finetune_modes must be a non-empty subset of {FINETUNE_MODES}, got {self.finetune_modes}")
+            raise ValueError(f"finetune_modes must be a non-empty subset of {tuple(FINETUNE_MODES)}, got {self.finetune_modes}")
 
 
 def make_model(vocab: Sequence[str], size: int, channels: Sequence[int], seed: int) -> PIRNet:
@@ -333,7 +333,7 @@ def plot_finetune_dice(result: dict[str, Any], path: Path) -> Path:
             for run in dice["per_seed"]:
                 curve = run[mode][arm]["dice_by_epoch"]
                 ax.scatter([int(e) for e in curve], list(curve.values()), color=color, alpha=0.35, s=12)
-        ax.set(title={"frozen": "encoder frozen (head only)", "full": "encoder fine-tuned too"}[mode], xlabel="fine-tuning epoch", ylabel="held-out lesion Dice")
+        ax.set(title=FINETUNE_MODES[mode], xlabel="fine-tuning epoch", ylabel="held-out lesion Dice")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     s = result["settings"]
