@@ -12,7 +12,7 @@ import json
 
 from flwr.app import ArrayRecord
 
-from fedpir.client.site import build_model
+from fedpir.models.pir import build_model
 from fedpir.run_config import KEY_POLICIES, RunSettings
 
 

@@ -54,9 +54,9 @@ from fedpir.data.dataset import load_site
 from fedpir.models.evaluation import embed
 from fedpir.models.evaluation import evaluate as evaluate_model
 from fedpir.models.losses import CORE_TERMS
-from fedpir.models.pir import PIRConfig, PIRNet
+from fedpir.models.pir import PIRConfig, PIRNet, trainable_groups
 from fedpir.privacy.dp import DPConfig, collate_patients
-from fedpir.simulation.federation import generate_federation
+from fedpir.synthetic.federation import generate_federation
 
 #: How the encoder is fine-tuned, with the plot's panel title of each mode.
 FINETUNE_MODES: dict[str, str] = {"frozen": "encoder frozen (head only)", "full": "encoder fine-tuned too"}
@@ -137,7 +137,7 @@ def pretrain(
     )
     rounds = []
     for r in range(epochs):
-        rounds.append(trainer.train_round("pretrain", epochs=1, progress=False))
+        rounds.append(trainer.train_round("pretrain", 1, progress=False))
         if log:
             terms = " ".join(f"{t}={rounds[-1][f'loss_{t}']:.3f}" for t in CORE_TERMS)
             print(f"pretrain round {r + 1}/{epochs}: {terms} ({rounds[-1]['seconds']:.0f} s)", file=sys.stderr)
@@ -157,7 +157,7 @@ def held_out_losses(model: PIRNet, dataset: Dataset, seed: int = 0) -> dict[str,
     """Pretraining loss terms on ``dataset`` with fixed augmentation seeds (model unchanged), and
     the cross-modal synthesis PSNR/SSIM of :func:`fedpir.models.evaluation.evaluate`."""
     trainer = LocalTrainer(model, dataset, dp=DPConfig(enabled=False), seed=seed)
-    metrics = trainer.evaluate(dataset, stage="pretrain")
+    metrics = trainer.evaluate(dataset, "pretrain")
     out = {term: metrics[f"loss_{term}"] for term in CORE_TERMS}
     return out | {"psnr": metrics["psnr"], "ssim": metrics["ssim"]}
 
@@ -238,8 +238,8 @@ def finetune_dice(
     seconds = 0.0
     while (done := max(curve, default=0)) < settings.finetune_epochs:
         epochs = min(settings.eval_every, settings.finetune_epochs - done)
-        metrics = trainer.train_round("finetune", epochs=epochs, task="segmentation", progress=False,
-                                      freeze_encoder=mode == "frozen")
+        metrics = trainer.train_round("segmentation", epochs, progress=False,
+                                      groups=trainable_groups("head" if mode == "frozen" else "all"))
         seconds += metrics["seconds"]
         curve[done + epochs] = evaluate_model(model, loader)["dice"]
     return {"dice": curve[settings.finetune_epochs], "dice_by_epoch": curve,

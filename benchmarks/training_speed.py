@@ -28,10 +28,10 @@ import torch
 
 from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import load_site
-from fedpir.models.pir import PIRConfig, PIRNet
+from fedpir.models.pir import PIRConfig, PIRNet, objective_for
 from fedpir.privacy.dp import DPConfig
-from fedpir.simulation.federation import generate_federation
-from fedpir.simulation.scanners import MODALITIES
+from fedpir.synthetic.federation import generate_federation
+from fedpir.synthetic.scanners import MODALITIES
 
 ROUNDS: tuple[tuple[str, str | None], ...] = (("pretrain", None), ("finetune", "segmentation"))
 
@@ -58,13 +58,13 @@ def measure(
     configs = [(stage, task, dp) for stage, task in ROUNDS for dp in (False, True)]
     trainers = {c: make_trainer(size, dataset, c[2], batch_size) for c in configs}
     for (stage, task, _), trainer in trainers.items():  # warm-up (allocator, Opacus wrapping)
-        trainer.train_round(stage, epochs=1, task=task, progress=False)
+        trainer.train_round(objective_for(stage, task), 1, progress=False)
     samples: dict[tuple[int, str, bool], list[float]] = {(n, s, dp): [] for n in threads for s, _, dp in configs}
     for _ in range(repeats):
         for n in threads:
             torch.set_num_threads(n)
             for (stage, task, dp), trainer in trainers.items():
-                metrics = trainer.train_round(stage, epochs=epochs, task=task, progress=False)
+                metrics = trainer.train_round(objective_for(stage, task), epochs, progress=False)
                 samples[(n, stage, dp)].append(metrics["seconds"] / max(metrics["steps"], 1))
     rows = []
     for (n, stage, dp), values in samples.items():

@@ -1,16 +1,19 @@
 """The `fedpir` command. Each subcommand lives in the module that does its job; this file only wires.
 
 A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+A user error (bad settings, a missing or unreadable file, a refused resume) ends the command with
+one line on stderr and exit code 2, never a traceback; ``FEDPIR_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, str] = {
-    "synth": "fedpir.simulation.synth_cli",
+    "synth": "fedpir.synthetic.synth_cli",
     "validate": "fedpir.data.validate_cli",
     "train": "fedpir.client.train_cli",
     "simulate": "fedpir.simulation.simulate_cli",
@@ -29,10 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What a user can cause by what they typed or pointed at: reported in one line, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"fedpir {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get("FEDPIR_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"fedpir {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,13 +7,18 @@ checks that pyproject.toml lists the same keys and values.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import argparse
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 #: Which state-dict keys a site sends to the server (the baselines differ from fedpir here; "local" sends
 #: nothing). The keys of each policy are declared on the model: PIRNet.federated_keys.
 KEY_POLICIES: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper", "local")
+#: Where a run that names no run folder writes, in a folder of its own (``run-<Flower run id>``).
+RUNS_ROOT = Path.home() / ".fedpir" / "runs"
+#: Settings that do not change what a run computes, so a resumed run may differ in them.
+NOT_IN_FINGERPRINT: tuple[str, ...] = ("run_dir", "round_timeout", "device")
 
 
 @dataclass(frozen=True)
@@ -21,7 +26,7 @@ class RunSettings:
     """Every knob of a federated run, with CPU-friendly defaults."""
 
     federation_dir: str = ""  # empty: synthetic federation under run_dir/federation
-    run_dir: str = ""  # empty: ~/.fedpir/runs/default
+    run_dir: str = ""  # empty: a new folder RUNS_ROOT/run-<Flower run id> (see with_run_folder)
     seed: int = 0
     num_sites: int = 4
     subjects_per_site: int = 12
@@ -38,9 +43,16 @@ class RunSettings:
     epsilon_budget: float = 8.0
     noise_multiplier: float = 0.0  # 0: the noise that spends epsilon_budget over all rounds
     max_grad_norm: float = 1.0
+    delta: float = 0.0  # 0: the ledger's delta, else min(1e-5, 1 / (10 patients))
+    accountant: str = "rdp"  # Opacus accountant: rdp or prv
     secret_noise: bool = True  # DP noise and sampling unknowable from the seed (fedpir.privacy.dp.DPConfig)
     finetune_task: str = "segmentation"
-    freeze_encoder: bool = False
+    pretrain_trainable: str = "all"  # parameter groups a pretraining round trains (fedpir.models.pir)
+    finetune_trainable: str = "all"  # ... a fine-tuning round ("head": the task head only)
+    mim: bool = False  # Alice's masked image modelling term in pretraining
+    anatomical: bool = False  # Alice's anatomical contrast term in pretraining
+    proximal_mu: float = 0.0  # FedProx: the server sends it, sites pull towards the global weights
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
     min_sites: int = 2
     round_timeout: float = 600.0
 
@@ -49,6 +61,8 @@ class RunSettings:
             raise ValueError(f"key-policy {self.key_policy!r} unknown; valid: {', '.join(KEY_POLICIES)}")
         if self.finetune_task not in ("segmentation", "classification"):
             raise ValueError(f"finetune-task must be segmentation or classification, not {self.finetune_task!r}")
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
@@ -72,10 +86,25 @@ class RunSettings:
         """The federation's modality vocabulary, in model channel order."""
         return [m.strip() for m in self.modalities.split(",") if m.strip()]
 
+    def trainable_for(self, stage: str) -> str:
+        """The trained parameter groups setting of a federation stage."""
+        return self.pretrain_trainable if stage == "pretrain" else self.finetune_trainable
+
+    def with_run_folder(self, run_id: int | str) -> RunSettings:
+        """These settings with the run folder resolved: the configured one, else a new folder of
+        this run (a rerun never resumes another run by accident)."""
+        return self if self.run_dir else replace(self, run_dir=str(RUNS_ROOT / f"run-{run_id}"))
+
     @property
     def run_path(self) -> Path:
         """Where the server writes checkpoints, logs and the exported model."""
-        return Path(self.run_dir).expanduser() if self.run_dir else Path.home() / ".fedpir" / "runs" / "default"
+        if not self.run_dir:
+            raise ValueError("the run folder is not resolved yet; call with_run_folder(run_id) first")
+        return Path(self.run_dir).expanduser()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that define what a run computes (a checkpoint resumes only under these)."""
+        return {k: v for k, v in self.to_run_config().items() if k.replace("-", "_") not in NOT_IN_FINGERPRINT}
 
     @property
     def federation_path(self) -> Path:
@@ -92,3 +121,10 @@ def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
+
+
+def add_noise_flag(parser: argparse.ArgumentParser) -> None:
+    """The one flag that makes DP noise replayable (for `fedpir train` and `fedpir simulate`)."""
+    parser.add_argument("--reproducible-noise", action="store_true",
+                        help="seed DP noise and sampling from --seed so that a run repeats (experiments only: "
+                             "whoever knows the seed can replay the noise); default: from OS entropy")

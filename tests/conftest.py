@@ -17,7 +17,7 @@ def small_federation(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Tests must not modify it; copy it first if they need to break something.
     """
-    from fedpir.simulation.federation import generate_federation
+    from fedpir.synthetic.federation import generate_federation
 
     out = tmp_path_factory.mktemp("federation")
     return generate_federation(out, n_sites=4, subjects_per_site=8, shape=(32, 32, 32), seed=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpir.client.site import build_model
+from fedpir.models.pir import build_model
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
 
@@ -32,7 +32,7 @@ def tiny_settings(tmp_path: Path, federation: Path, **overrides) -> RunSettings:
 
 @pytest.fixture(scope="module")
 def federation16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedpir.simulation.federation import generate_federation
+    from fedpir.synthetic.federation import generate_federation
 
     return generate_federation(tmp_path_factory.mktemp("fed16"), n_sites=4, subjects_per_site=5,
                                shape=(16, 16, 16), seed=1)
@@ -60,7 +60,8 @@ def test_sites_send_only_shared_weights_and_scalar_metrics(tmp_path: Path, feder
     entries = run(settings, tmp_path)
     model = build_model(settings)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    shared, local = set(model.shared_keys()), set(model.local_keys())
+    groups = model.key_groups()
+    shared, local = set(groups.shared), set(groups.local) | set(groups.task_heads)
     train = [e for e in entries if e["type"] == "train"]
     evaluate = [e for e in entries if e["type"] == "evaluate"]
     assert len(train) == 4 * 2 and len(evaluate) == 4 * 2  # 4 sites x (1 pretrain + 1 finetune) rounds

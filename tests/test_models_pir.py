@@ -7,7 +7,15 @@ import torch
 from opacus import GradSampleModule
 from torch import nn
 
-from fedpir.models.pir import NORM_TYPES, PIRConfig, PIRNet, load_shared_state, shared_state, unwrap
+from fedpir.models.pir import (
+    NORM_TYPES,
+    PARAMETER_GROUPS,
+    TRAINABLE_PRESETS,
+    PIRConfig,
+    PIRNet,
+    trainable_groups,
+    unwrap,
+)
 
 MODALITIES = ["t1", "t2", "flair"]
 SIZE = (16, 16, 16)
@@ -28,7 +36,7 @@ def test_forward_shapes() -> None:
     assert torch.equal(x_h, x_h2) and [s.shape[1] for s in skips] == [8, 16, 32]
     assert net.segment(x_h, skips).shape == (2, 1, *SIZE)
     with pytest.raises(ValueError, match="skip features"):
-        net.segment(x_h)
+        net.segment(x_h, skips[:1])
     assert net.classify(x_h).shape == (2, 2)
     assert net.rotation_head(x_h).shape == (2, 4)
     assert net.projection_head(x_h).shape == (2, 32, 2, 2, 2)
@@ -48,7 +56,6 @@ def test_encode_rejects_bad_input() -> None:
     "kwargs, message",
     [
         ({"spatial_size": (20, 16, 16)}, "divisible"),
-        ({"backbone": "vit"}, "unknown backbone"),
         ({"num_classes": 1}, "num_classes"),
     ],
 )
@@ -72,113 +79,68 @@ def test_modality_adapters_start_as_identity() -> None:
     assert torch.equal(net.adapters(x, 0), x)
 
 
-@pytest.mark.parametrize("include_task_heads", [False, True])
-def test_split_covers_every_key_exactly_once(include_task_heads: bool) -> None:
-    net = make_net()
-    shared = net.shared_keys(include_task_heads)
-    local = net.local_keys(include_task_heads)
-    assert len(shared) == len(set(shared)) and len(local) == len(set(local))
-    assert not set(shared) & set(local)
-    assert set(shared) | set(local) == set(net.state_dict())
+def test_split_covers_every_key_exactly_once() -> None:
+    groups = make_net().key_groups()
+    shared, local, heads = groups.shared, groups.local, groups.task_heads
+    assert len(shared + local + heads) == len(set(shared) | set(local) | set(heads))
+    assert set(shared) | set(local) | set(heads) == set(make_net().state_dict())
 
 
 def test_split_locality() -> None:
     net = make_net()
-    shared, local = set(net.shared_keys()), set(net.local_keys())
+    groups = net.key_groups()
+    shared, local = set(groups.shared), set(groups.local)
     norm_keys = {
-        f"{path}.{name}" for path, module in net.named_modules() if isinstance(module, NORM_TYPES) for name, _ in module.named_parameters()
+        f"{path}.{name}" for path, module in net.named_modules() if isinstance(module, NORM_TYPES)
+        for name, _ in module.named_parameters()
     }
     assert norm_keys and norm_keys <= local
     assert "adapters.calibration.weight" in local
     head_keys = {k for k in net.state_dict() if k.startswith(("seg_head.", "cls_head."))}
-    assert head_keys <= local
-    for prefix in ("encoder.", "fusion.prior.", "fusion.attention.", "fusion.transform.", "fusion.fuse.", "decoder.", "rotation_head.", "projection_head."):
+    assert head_keys and not head_keys & shared
+    for prefix in ("encoder.", "fusion.prior.", "fusion.attention.", "fusion.transform.", "fusion.fuse.", "decoder.",
+                   "rotation_head.", "projection_head."):
         assert any(k.startswith(prefix) for k in shared), prefix
     assert "encoder.stem.conv.weight" in shared and "fusion.prior.tokens.weight" in shared
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-    # shared task heads: their convs/linears move to shared, their norms stay local
-    shared_heads = set(net.shared_keys(include_task_heads=True)) - shared
-    assert shared_heads == {k for k in head_keys if k not in norm_keys}
-    assert "cls_head.linear.weight" in shared_heads
 
 
-def test_load_shared_state_copies_only_shared() -> None:
-    source, target = make_net(0), make_net(1)
-    with torch.no_grad():
-        for p in target.parameters():
-            p.add_(1.0)  # make local parameters distinguishable (norm weights start equal)
-    local_before = {k: v.clone() for k, v in target.state_dict().items() if k in set(target.local_keys())}
-    load_shared_state(target, shared_state(source))
-    state = target.state_dict()
-    for k, v in shared_state(source).items():
-        assert torch.equal(state[k], v)
-    for k, v in local_before.items():
-        assert torch.equal(state[k], v)
-
-
-def test_shared_state_is_a_copy() -> None:
-    net = make_net()
-    state = shared_state(net)
-    state["encoder.stem.conv.weight"].add_(1.0)
-    assert not torch.equal(net.state_dict()["encoder.stem.conv.weight"], state["encoder.stem.conv.weight"])
-
-
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda s: s.pop("decoder.out.t1.weight"), "missing"),
-        (lambda s: s.__setitem__("adapters.calibration.weight", torch.zeros(3, 2)), "unexpected"),
-        (lambda s: s.__setitem__("fusion.prior.tokens.weight", torch.zeros(5, 64)), "wrong shape"),
-    ],
-)
-def test_load_shared_state_errors(edit, message: str) -> None:
-    source, target = make_net(0), make_net(1)
-    state = shared_state(source)
-    edit(state)
-    before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(ValueError, match=message):
-        load_shared_state(target, state)
-    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
-
-
-def test_helpers_unwrap_opacus() -> None:
+def test_unwrap_opacus() -> None:
     net = make_net()
     wrapped = GradSampleModule(net)
     assert unwrap(wrapped) is net
     assert all(k.startswith("_module.") for k in wrapped.state_dict())
-    assert shared_state(wrapped).keys() == shared_state(net).keys()
-    load_shared_state(wrapped, shared_state(make_net(3)))
     with pytest.raises(TypeError):
         unwrap(nn.Linear(2, 2))
 
 
-def test_freeze_encoder_and_stages() -> None:
+def test_parameter_groups_cover_every_parameter() -> None:
     net = make_net()
-    net.freeze_encoder(True)
-    for name, p in net.named_parameters():
-        assert p.requires_grad == (not name.startswith(("adapters.", "encoder.", "fusion."))), name
-    net.freeze_encoder(False)
-    assert all(p.requires_grad for p in net.parameters())
-    net.set_stage("pretrain")
+    groups = {name: net.group_of(name) for name, _ in net.named_parameters()}
+    assert set(groups.values()) == set(PARAMETER_GROUPS)
+    assert groups["fusion.prior.tokens.weight"] == "prior"
+    assert groups["encoder.stem.conv.weight"] == "encoder"
+    assert all(g == "task_head" for n, g in groups.items() if n.startswith(("seg_head.", "cls_head.")))
+    norm_params = {n for n in groups if n.rsplit(".", 1)[0] in net.norm_paths}
+    assert {groups[n] for n in norm_params if not n.startswith(("seg_head.", "cls_head."))} == {"norms"}
+
+
+def test_set_trainable_per_objective_and_groups() -> None:
+    net = make_net()
+    net.set_trainable("pretrain")
     trainable = {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad}
     assert trainable == {"adapters", "encoder", "fusion", "decoder", "rotation_head", "projection_head"}
-    net.set_stage("segmentation", frozen_encoder=True)
-    assert {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad} == {"seg_head"}
-    with pytest.raises(ValueError, match="unknown stage"):
-        net.set_stage("detection")
-
-
-def test_swinunetr_backbone_smoke() -> None:
-    pytest.importorskip("einops", reason="MONAI's Swin transformer needs einops")
-    torch.manual_seed(0)
-    net = PIRNet(PIRConfig(["t1", "t2"], spatial_size=(32, 32, 32), channels=(6,), backbone="swinunetr"))
-    assert not net.dp_compatible
-    x_h = net.encode(torch.randn(1, 1, 32, 32, 32), 0)
-    assert x_h.shape == (1, 96, 1, 1, 1)
-    assert net.decode(x_h).shape == (1, 2, 32, 32, 32)
-    shared, local = net.shared_keys(), net.local_keys()
-    assert set(shared) | set(local) == set(net.state_dict()) and not set(shared) & set(local)
-    assert any(".norm" in k for k in local)
+    trained = net.set_trainable("segmentation", trainable_groups("head"))
+    assert {n.split(".")[0] for n in trained} == {"seg_head"}
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == set(trained)
+    trained = net.set_trainable("segmentation", trainable_groups("norms,prior"))
+    assert trained and all(net.group_of(n) in ("norms", "prior") for n in trained)
+    assert not any(n.startswith("decoder.") for n in trained), "the decoder is not used by segmentation"
+    with pytest.raises(ValueError, match="unknown objective"):
+        net.set_trainable("detection")
+    with pytest.raises(ValueError, match="use a preset"):
+        trainable_groups("encoder,heads")
+    assert trainable_groups("all") == TRAINABLE_PRESETS["all"]
 
 
 def test_federated_keys_per_policy() -> None:
@@ -198,7 +160,7 @@ def test_federated_keys_per_policy() -> None:
 
 def test_modality_of_key_names_each_decoder_head() -> None:
     net = make_net()
-    heads = {k: net.modality_of_key(k) for k in net.shared_keys() if net.modality_of_key(k)}
+    heads = {k: net.modality_of_key(k) for k in net.key_groups().shared if net.modality_of_key(k)}
     assert set(heads.values()) == set(MODALITIES)
     assert all(k.startswith(f"decoder.out.{m}.") for k, m in heads.items())
     assert net.modality_of_key("encoder.blocks.0.conv.weight") is None

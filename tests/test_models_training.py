@@ -185,7 +185,7 @@ def test_finetune_losses_and_frozen_encoder() -> None:
     net = make_net()
     batch = phantoms([[1, 1, 0], [0, 0, 1]])
     for task, head in (("segmentation", "seg_head.out.weight"), ("classification", "cls_head.linear.weight")):
-        net.set_stage(task)
+        net.set_trainable(task)
         loss = finetune_losses(net, batch, task)
         assert set(loss) == {task, "total"} and torch.isfinite(loss["total"])
         loss["total"].backward()
@@ -194,7 +194,7 @@ def test_finetune_losses_and_frozen_encoder() -> None:
         assert params["encoder.stem.conv.weight"].grad.abs().sum() > 0
         assert params["decoder.out.t1.weight"].grad is None
         net.zero_grad(set_to_none=True)
-    net.set_stage("segmentation", frozen_encoder=True)
+    net.set_trainable("segmentation", ("task_head",))
     finetune_losses(net, batch, "segmentation")["total"].backward()
     assert net.encoder.stem.conv.weight.grad is None and net.seg_head.out.weight.grad is not None
     unlabeled = finetune_losses(net, dict(batch, label=torch.tensor([-1, -1])), "classification")["total"]
@@ -204,7 +204,7 @@ def test_finetune_losses_and_frozen_encoder() -> None:
 @pytest.mark.usefixtures("float64")
 def test_opacus_per_sample_gradients_are_per_patient() -> None:
     net = make_net()
-    net.set_stage("pretrain")
+    net.set_trainable("pretrain")
     assert ModuleValidator.validate(net, strict=True) == []
     batch = phantoms([[1, 1, 0], [0, 1, 1], [1, 0, 0]])
     data = TensorDataset(batch["image"], batch["present"], batch["seed"])
@@ -294,7 +294,7 @@ def test_segmentation_overfits_and_dice_follows() -> None:
     batch = phantoms([[1, 1, 0], [0, 1, 1]])
     t2 = batch["image"][:, 1:2]
     batch["mask"] = (t2 > t2.amin() + 0.5).to(t2.dtype)
-    net.set_stage("segmentation")
+    net.set_trainable("segmentation")
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
     start = evaluate(net, [batch])["dice"]
     for _ in range(30):

@@ -136,8 +136,9 @@ def pirnet_case(request: pytest.FixtureRequest):
     vocab = json.loads((federation / "federation.json").read_text())["modalities"]
     dataset, _ = load_site(federation / "site-0", vocab, (16, 16, 16))
     torch.manual_seed(0)
-    model = PIRNet(PIRConfig(vocab, spatial_size=(16, 16, 16), channels=(4, 8, 16), prior_tokens=4, num_heads=2, proj_dim=8))
-    model.set_stage("pretrain")
+    cfg = PIRConfig(vocab, spatial_size=(16, 16, 16), channels=(4, 8, 16), prior_tokens=4, num_heads=2, proj_dim=8)
+    model = PIRNet(cfg)
+    model.set_trainable("pretrain")
     items = [dataset[i] for i in range(3)]
     for i, item in enumerate(items):
         item["seed"] = torch.tensor(100 + i)  # fixed per-patient augmentation streams
@@ -208,12 +209,12 @@ def test_budget_epsilon_matches_independent_rdp() -> None:
     pm.close()
 
 
-def spend(budget: PrivacyBudget, plan: RoundPlan, stage: str) -> None:
+def spend(budget: PrivacyBudget, plan: RoundPlan, objective: str) -> None:
     """A round as the trainer runs it: check, the optimizer hook's steps, the ledger entry."""
     budget.check(plan)
     for _ in range(plan.steps):
         budget.accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-    budget.record(stage=stage, plan=plan, steps=plan.steps)
+    budget.record(objective=objective, plan=plan, steps=plan.steps)
 
 
 def test_budget_refusal_and_ledger_restore(tmp_path) -> None:
@@ -222,11 +223,11 @@ def test_budget_refusal_and_ledger_restore(tmp_path) -> None:
     budget = PrivacyBudget(5.0, 1e-5, ledger=ledger)
     spend(budget, plan, "pretrain")
     first = budget.spent()
-    spend(budget, plan, "finetune")  # fine-tuning counts against the same budget
+    spend(budget, plan, "segmentation")  # fine-tuning counts against the same budget
     assert budget.spent() > first
     content = ledger.path.read_text()
     with pytest.raises(BudgetExceededError, match=r"spent so far .* would reach .* > budget 5") as err:
-        spend(budget, plan, "finetune")
+        spend(budget, plan, "segmentation")
     assert err.value.would_reach > 5.0 >= err.value.spent == budget.spent()
     assert ledger.path.read_text() == content and budget.accountant.history == [(1.5, 0.25, 20)]
     restored = PrivacyBudget(5.0, 1e-5, ledger=PrivacyLedger.in_dir(tmp_path))  # client restart
@@ -234,14 +235,15 @@ def test_budget_refusal_and_ledger_restore(tmp_path) -> None:
     with pytest.raises(BudgetExceededError):
         restored.check(plan)
     bigger = PrivacyBudget(8.0, 1e-5, ledger=PrivacyLedger.in_dir(tmp_path))
-    spend(bigger, plan, "finetune")
+    spend(bigger, plan, "segmentation")
     independent = RDPAccountant()
     independent.history = [(1.5, 0.25, 30)]
     assert bigger.spent() == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-12)
     entries = [json.loads(line) for line in ledger.path.read_text().splitlines()]
-    assert [e["stage"] for e in entries] == ["pretrain", "finetune", "finetune"]
+    assert [e["objective"] for e in entries] == ["pretrain", "segmentation", "segmentation"]
     assert [e["epsilon"] for e in entries] == sorted(e["epsilon"] for e in entries)
-    assert {"timestamp", "steps", "sample_rate", "noise_multiplier", "max_grad_norm", "epsilon", "history"} <= set(entries[0])
+    keys = {"timestamp", "steps", "sample_rate", "noise_multiplier", "max_grad_norm", "epsilon", "history"}
+    assert keys <= set(entries[0])
     with pytest.raises(LedgerError, match="delta"):
         PrivacyBudget(8.0, 1e-6, ledger=PrivacyLedger.in_dir(tmp_path))
     ledger.path.write_text(ledger.path.read_text() + "{broken\n")

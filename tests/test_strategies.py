@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from flwr.supercore.task_identity import TaskIdentity
 from scipy.stats import trim_mean
 
+from fedpir.protocol import has_modality_key
 from fedpir.strategies import (
     STRATEGIES,
     ModalityAwareFedAvg,
@@ -40,7 +41,6 @@ from fedpir.strategies import (
     SharedFedProx,
     SharedFedTrimmedAvg,
     SharedFedYogi,
-    has_modality_key,
     make_strategy,
 )
 
@@ -236,7 +236,7 @@ def test_bad_replies_are_rejected_with_reasons_and_the_rest_averaged(caplog: pyt
         assert expected in reasons[node]
         assert reasons[node] in caplog.text
     assert "ClientApp crashed" in reasons[99]
-    assert all(r["stage"] == "train" and r["server_round"] == 1 for r in strategy.rejections)
+    assert all(r["message_type"] == "train" and r["server_round"] == 1 for r in strategy.rejections)
     json.dumps(strategy.rejections)  # the server writes them to its JSON-lines metrics log
     for key in SHAPES:
         np.testing.assert_allclose(arrays[key].numpy(), weighted_mean(snap, set(good), key), rtol=1e-5, atol=1e-6)
@@ -290,7 +290,7 @@ def test_evaluate_keeps_weighted_metrics_and_drops_inconsistent_sites() -> None:
     requests = strategy.configure_evaluate(4, as_record(make_global()), ConfigRecord(), grid)
     metrics = strategy.aggregate_evaluate(4, grid.send_and_receive(requests))
     assert metrics["dice"] == pytest.approx((2 * 0.2 + 6 * 0.6) / 8)
-    assert [(r["node_id"], r["stage"]) for r in strategy.rejections] == [(3, "evaluate")]
+    assert [(r["node_id"], r["message_type"]) for r in strategy.rejections] == [(3, "evaluate")]
     assert dict(strategy.last_evaluate_replies)[3] == {"num-examples": 9, "auc": 0.1}
 
 

@@ -17,11 +17,11 @@ from scipy import ndimage
 
 from fedpir.cli import main
 from fedpir.data.manifest import load_manifest
-from fedpir.simulation.anatomy import Grid, ProceduralAnatomy
-from fedpir.simulation.federation import generate_federation
-from fedpir.simulation.phantoms import sample_phantom
-from fedpir.simulation.report_text import NORMAL_TEMPLATES
-from fedpir.simulation.scanners import DEFAULT_SUBSETS, MODALITIES, bias_field, make_scanners
+from fedpir.synthetic.anatomy import Grid, ProceduralAnatomy
+from fedpir.synthetic.federation import generate_federation
+from fedpir.synthetic.phantoms import sample_phantom
+from fedpir.synthetic.report_text import NORMAL_TEMPLATES
+from fedpir.synthetic.scanners import DEFAULT_SUBSETS, MODALITIES, bias_field, make_scanners
 
 CSF, GM, WM, LESION = 1, 2, 3, 4
 

@@ -58,11 +58,11 @@ def test_private_pretraining_then_finetuning_spends_one_budget(site, tmp_path: P
     assert {"loss_rotation", "loss_contrastive", "loss_reconstruction", "loss_invariance", "loss_total"} <= set(pre)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in pre.items() if k.startswith("loss_"))
     changed = [k for k, v in state(model).items() if not torch.equal(v, before[k])]
-    assert set(changed) >= set(model.shared_keys())
+    assert set(changed) >= set(model.key_groups().shared)
     assert not any(k.startswith(("seg_head", "cls_head")) for k in changed)  # not trained in pretraining
     sigma = json.loads((tmp_path / "privacy_ledger.jsonl").read_text().splitlines()[0])["noise_multiplier"]
     assert pre["steps"] == 2 and pre["epsilon"] == pytest.approx(independent_epsilon(sigma, 0.5, 2), rel=1e-9)
-    fine = trainer.train_round("finetune", task="classification", progress=False)
+    fine = trainer.train_round("classification", progress=False)
     assert fine["epsilon"] == pytest.approx(independent_epsilon(sigma, 0.5, 4), rel=1e-9)
     assert 2.9 < fine["epsilon"] <= 3.0  # the planned target is reached, not exceeded
     metrics = trainer.evaluate(dataset)
@@ -73,16 +73,16 @@ def test_refused_round_changes_nothing(site, tmp_path: Path) -> None:
     vocab, dataset = site
     model = make_model(vocab)
     trainer = LocalTrainer(model, dataset, dp=DPConfig(noise_multiplier=1.0, budget_epsilon=6.0), state_dir=tmp_path)
-    first = trainer.train_round("finetune", task="classification", progress=False)
+    first = trainer.train_round("classification", progress=False)
     assert first["epsilon"] == pytest.approx(independent_epsilon(1.0, 0.5, 2), rel=1e-9)
     assert first["epsilon"] < 6.0
     ledger = (tmp_path / "privacy_ledger.jsonl").read_bytes()
     weights = state(model)
     optimizer = copy.deepcopy(trainer._session.optimizer.state_dict())
     trainable = [p.requires_grad for p in model.parameters()]
-    for stage, task in (("finetune", "classification"), ("pretrain", None)):
+    for objective in ("classification", "pretrain"):
         with pytest.raises(BudgetExceededError, match="would reach .* > budget 6") as err:
-            trainer.train_round(stage, task=task, progress=False)
+            trainer.train_round(objective, progress=False)
         assert err.value.spent == pytest.approx(first["epsilon"]) and err.value.would_reach > 6.0
     assert (tmp_path / "privacy_ledger.jsonl").read_bytes() == ledger
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
@@ -98,10 +98,10 @@ def test_restart_continues_the_ledger(site, tmp_path: Path) -> None:
     vocab, dataset = site
     dp = DPConfig(noise_multiplier=1.2, budget_epsilon=20.0)
     first = LocalTrainer(make_model(vocab), dataset, dp=dp, state_dir=tmp_path)
-    one = first.train_round("finetune", task="classification", progress=False)
+    one = first.train_round("classification", progress=False)
     restarted = LocalTrainer(make_model(vocab), dataset, dp=dp, state_dir=tmp_path)  # new process
     assert restarted.epsilon() == pytest.approx(one["epsilon"]) and restarted.delta == first.delta == DELTA
-    two = restarted.train_round("finetune", task="classification", progress=False)
+    two = restarted.train_round("classification", progress=False)
     assert two["epsilon"] > one["epsilon"]
     assert two["epsilon"] == pytest.approx(independent_epsilon(1.2, 0.5, 4), rel=1e-9)
     entries = [json.loads(line) for line in (tmp_path / "privacy_ledger.jsonl").read_text().splitlines()]
@@ -111,8 +111,9 @@ def test_restart_continues_the_ledger(site, tmp_path: Path) -> None:
 def test_empty_poisson_batches_are_noise_only_steps(site) -> None:
     vocab, dataset = site
     model = make_model(vocab)
-    trainer = LocalTrainer(model, Subset(dataset, range(3)), dp=DPConfig(noise_multiplier=1.0, budget_epsilon=100.0, secret_noise=False), batch_size=1)
-    out = trainer.train_round("finetune", epochs=3, task="classification", progress=False)
+    dp = DPConfig(noise_multiplier=1.0, budget_epsilon=100.0, secret_noise=False)
+    trainer = LocalTrainer(model, Subset(dataset, range(3)), dp=dp, batch_size=1)
+    out = trainer.train_round("classification", epochs=3, progress=False)
     assert out["steps"] == 9 and out["empty_batches"] > 0  # P(empty) = (2/3)^3 per step; fixed seed
     assert out["epsilon"] == pytest.approx(independent_epsilon(1.0, 1 / 3, 9), rel=1e-9)
 
@@ -125,7 +126,7 @@ def test_same_seed_same_round(site, enabled: bool, tmp_path: Path) -> None:
     for k in range(2):
         model = make_model(vocab)
         trainer = LocalTrainer(model, dataset, dp=dp, seed=7, state_dir=tmp_path / str(k))
-        out = trainer.train_round("finetune", task="classification", progress=False)
+        out = trainer.train_round("classification", progress=False)
         runs.append(({k: v for k, v in out.items() if k != "seconds"}, state(model)))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
@@ -143,9 +144,30 @@ def test_secret_noise_is_not_replayable_from_the_seed(site) -> None:
     for _ in range(2):
         model = make_model(vocab)
         trainer = LocalTrainer(model, dataset, dp=DPConfig(noise_multiplier=1.0), seed=7)
-        out = trainer.train_round("finetune", task="classification", progress=False)
+        out = trainer.train_round("classification", progress=False)
         runs.append((out["epsilon"], state(model)))
         assert trainer.ledger.entries[-1]["secret_noise"] is True
     assert runs[0][0] == runs[1][0]
     trained = [k for k, p in make_model(vocab).named_parameters() if k.startswith("cls_head")]
     assert trained and not all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in trained)
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["no-dp", "dp"])
+def test_fedprox_mu_pulls_the_update_towards_the_global_weights(site, enabled: bool) -> None:
+    """FedProx: with mu > 0 the same round (same seed, same data, same noise) ends much closer to
+    the weights it started from (the global ones) than with mu = 0."""
+    vocab, dataset = site
+    dp = DPConfig(enabled=enabled, noise_multiplier=1.0 if enabled else None, budget_epsilon=100.0, secret_noise=False)
+    start = state(make_model(vocab))
+    exchanged = tuple(k for k in start if k.startswith(("cls_head.", "encoder.")))
+    ends = {}
+    for mu in (0.0, 50.0):
+        model = make_model(vocab)
+        trainer = LocalTrainer(model, dataset, dp=dp, seed=3, lr=1e-2)
+        trainer.train_round("classification", epochs=2, progress=False, proximal_mu=mu, proximal_keys=exchanged)
+        ends[mu] = state(model)
+
+    def distance(end: dict, keys) -> float:
+        return sum(float((end[k] - start[k]).norm() ** 2) for k in keys) ** 0.5
+
+    assert 0 < distance(ends[50.0], exchanged) < 0.5 * distance(ends[0.0], exchanged)

@@ -4,7 +4,10 @@ Node config (``flower-supernode --node-config``), deployment:
     data-dir     the site's folder or manifest (required)
     state-dir    where local layers and the privacy ledger live (default: under the run folder)
     site-name    name reported to the server (default: the data folder's name)
-Simulation: ``partition-id`` picks ``site-<id>`` of the run's (synthetic) federation.
+Simulation (Flower's simulation engine sets ``partition-id``): the node serves ``site-<id>`` of the
+run's federation folder; without a configured ``federation-dir`` the simulation side
+(:func:`fedpir.simulation.prepare.synthetic_federation`) writes the synthetic federation of the
+run's settings first. A deployed SuperNode never takes that path.
 """
 
 from __future__ import annotations
@@ -17,21 +20,31 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedpir.client.site import Site, site_state_dir
+from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
 from fedpir.run_config import RunSettings
-from fedpir.strategies import has_modality_key
 
 _SITES: dict[tuple, Site] = {}
 
 
+def run_settings(context: Context, settings: RunSettings | None = None) -> RunSettings:
+    """The run's settings (given, else Flower's run config) with the run folder resolved."""
+    settings = settings or RunSettings.from_run_config(dict(context.run_config))
+    return settings.with_run_folder(context.run_id)
+
+
 def site_for(context: Context, settings: RunSettings | None = None) -> Site:
     """The site this node serves (built once per process, data folder and run settings)."""
-    settings = settings or RunSettings.from_run_config(dict(context.run_config))
+    settings = run_settings(context, settings)
     node = dict(context.node_config)
     if "data-dir" in node:
         data_dir = Path(str(node["data-dir"])).expanduser()
         name = str(node.get("site-name", data_dir.name))
     elif "partition-id" in node:
         name = f"site-{int(node['partition-id'])}"
+        if not settings.federation_dir:
+            from fedpir.simulation.prepare import synthetic_federation  # simulation engine only
+
+            synthetic_federation(settings)
         data_dir = settings.federation_path / name
     else:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
@@ -44,7 +57,7 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
 def _reply(msg: Message, site: Site, metrics: dict[str, float], n: int, arrays: ArrayRecord | None) -> Message:
     flags = {has_modality_key(m): float(m in site.modalities) for m in site.settings.vocabulary}
     content = RecordDict({
-        "metrics": MetricRecord({**metrics, **flags, "num-examples": n}),
+        "metrics": MetricRecord({**metrics, **flags, NUM_EXAMPLES_KEY: n}),
         "site": ConfigRecord({"name": site.name}),
     })
     if arrays is not None:
@@ -62,7 +75,8 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
         site = site_for(context, settings)
         config = msg.content["config"]
         site.load_global(msg.content["arrays"].to_torch_state_dict())
-        metrics = site.train(str(config["stage"]), epochs=int(config.get("local-epochs", site.settings.local_epochs)))
+        metrics = site.train(str(config[STAGE_KEY]), epochs=int(config.get(EPOCHS_KEY, site.settings.local_epochs)),
+                             proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
         return _reply(msg, site, metrics, len(site.train_set), ArrayRecord(site.sent_state()))
 
     @app.evaluate()
@@ -71,7 +85,7 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
         site = site_for(context, settings)
         site.load_global(msg.content["arrays"].to_torch_state_dict())
         with torch.no_grad():
-            metrics = site.evaluate(str(msg.content["config"]["stage"]))
+            metrics = site.evaluate(str(msg.content["config"][STAGE_KEY]))
         return _reply(msg, site, metrics, len(site.holdout_set), None)
 
     return app

@@ -19,23 +19,20 @@ from torch.utils.data import Subset
 
 from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import SiteDataset, load_site
-from fedpir.models.losses import LossConfig
-from fedpir.models.pir import PIRConfig, PIRNet
-from fedpir.privacy.dp import DPConfig
+from fedpir.models.pir import build_model, objective_for, trainable_groups
+from fedpir.protocol import EVAL_KEYS
 from fedpir.run_config import RunSettings
 
 log = logging.getLogger("fedpir.client")
 
-#: Evaluation metrics every site reports, whatever its modalities (NaN where a site cannot
-#: compute one), so that the server can aggregate them; per-pair figures stay at the site.
-EVAL_KEYS: tuple[str, ...] = ("psnr", "ssim", "dice", "accuracy", "auroc")
 HOLDOUT_FRACTION = 0.25
 
 
 def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The :data:`EVAL_KEYS` (NaN where not computable) and ``loss``: the same keys at every site."""
-    nan = float("nan")
-    return {k: float(metrics.get(k, nan)) for k in EVAL_KEYS} | {"loss": float(metrics.get("loss_total", nan))}
+    """The :data:`fedpir.protocol.EVAL_KEYS` (NaN where not computable; ``loss`` is the total
+    loss): the same keys at every site."""
+    metrics = {**metrics, "loss": metrics.get("loss_total", float("nan"))}
+    return {k: float(metrics.get(k, float("nan"))) for k in EVAL_KEYS}
 
 
 def split_holdout(n: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[int], list[int]]:
@@ -44,26 +41,6 @@ def split_holdout(n: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> tupl
     random.Random(seed).shuffle(order)
     n_hold = min(max(1, round(n * fraction)), n - 1) if n >= 2 else 0
     return sorted(order[n_hold:]), sorted(order[:n_hold])
-
-
-def build_model(settings: RunSettings) -> PIRNet:
-    """The federation's model, identical at the server and at every site."""
-    torch.manual_seed(settings.seed)
-    size = settings.volume_size
-    return PIRNet(PIRConfig(modalities=settings.vocabulary, spatial_size=(size, size, size)))
-
-
-def dp_config(settings: RunSettings) -> DPConfig:
-    """The site's DP-SGD settings: a fixed noise multiplier, or (noise-multiplier = 0) the one that
-    spends exactly the budget over all planned rounds of the run."""
-    common = dict(max_grad_norm=settings.max_grad_norm, budget_epsilon=settings.epsilon_budget,
-                  secret_noise=settings.secret_noise)
-    if not settings.dp:
-        return DPConfig(enabled=False, **common)
-    if settings.noise_multiplier > 0:
-        return DPConfig(noise_multiplier=settings.noise_multiplier, **common)
-    rounds = settings.pretrain_rounds + settings.finetune_rounds
-    return DPConfig(target_epsilon=settings.epsilon_budget, planned_rounds=rounds, **common)
 
 
 def site_data(settings: RunSettings, data_dir: Path, name: str) -> tuple[Subset, Subset, list[str]]:
@@ -89,16 +66,8 @@ class Site:
         self.local_state_path = self.state_dir / "local_state.pt"
         if self.local_state_path.is_file():
             self.model.load_state_dict(torch.load(self.local_state_path), strict=False)
-        self.trainer = LocalTrainer(
-            self.model,
-            self.train_set,
-            dp=dp_config(settings),
-            loss_cfg=LossConfig(),
-            batch_size=settings.batch_size,
-            lr=settings.lr,
-            seed=settings.seed + _stable_hash(self.name),
-            state_dir=self.state_dir,
-        )
+        self.trainer = LocalTrainer.for_run(settings, self.model, self.train_set, state_dir=self.state_dir,
+                                            seed=settings.seed + _stable_hash(self.name))
 
     # ---- what crosses the network -----------------------------------------------------------
     @property
@@ -128,19 +97,20 @@ class Site:
         tmp.replace(self.local_state_path)
 
     # ---- rounds ---------------------------------------------------------------------------
-    def train(self, stage: str, epochs: int, progress: bool = False) -> dict[str, float]:
-        """One local round of ``stage``; returns the trainer's metrics (losses, epsilon, ...)."""
-        task = self.settings.finetune_task if stage == "finetune" else None
-        freeze = self.settings.freeze_encoder and stage == "finetune"
-        metrics = self.trainer.train_round(stage=stage, epochs=epochs, task=task, progress=progress,
-                                           freeze_encoder=freeze)
+    def train(self, stage: str, epochs: int, progress: bool = False, proximal_mu: float = 0.0) -> dict[str, float]:
+        """One local round of federation ``stage``; returns the trainer's metrics (losses, epsilon, ...).
+        ``proximal_mu`` > 0 pulls the exchanged weights towards the global ones (FedProx)."""
+        metrics = self.trainer.train_round(
+            objective_for(stage, self.settings.finetune_task), epochs,
+            groups=trainable_groups(self.settings.trainable_for(stage)), progress=progress,
+            proximal_mu=proximal_mu, proximal_keys=tuple(self.sent_keys),
+        )
         self.save_local()
         return metrics
 
     def evaluate(self, stage: str) -> dict[str, float]:
         """Held-out metrics with a fixed key set (see :func:`summary_metrics`)."""
-        task = self.settings.finetune_task if stage == "finetune" else None
-        return summary_metrics(self.trainer.evaluate(self.holdout_set, stage=stage, task=task))
+        return summary_metrics(self.trainer.evaluate(self.holdout_set, objective_for(stage, self.settings.finetune_task)))
 
 
 def _site_modalities(dataset: SiteDataset) -> list[str]:
@@ -155,5 +125,5 @@ def _stable_hash(text: str) -> int:
 
 
 def site_state_dir(settings: RunSettings, site_name: str, configured: Any = None) -> Path:
-    """The site's state folder: the node config's, else under the run folder."""
+    """The site's state folder: the node config's, else (simulation) under the run folder."""
     return Path(str(configured)).expanduser() if configured else settings.run_path / "sites" / site_name

@@ -14,15 +14,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch.utils.data import Subset
 
-from fedpir.client.trainer import STAGES, LocalTrainer
+from fedpir.client.site import split_holdout
+from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import load_site
-from fedpir.data.manifest import load_manifest
-from fedpir.models.losses import TASKS, LossConfig
-from fedpir.models.pir import PIRConfig, PIRNet
+from fedpir.data.layouts import open_site
+from fedpir.models.pir import TASKS, TRAINABLE_PRESETS, build_model, objective_for, trainable_groups
 from fedpir.privacy.budget import BudgetExceededError
-from fedpir.privacy.dp import ACCOUNTANTS, DPConfig
+from fedpir.privacy.dp import ACCOUNTANTS, dp_config_for
+from fedpir.protocol import STAGES
+from fedpir.run_config import RunSettings, add_noise_flag
 
 HELP = "train one site locally (patient-level DP-SGD unless --no-dp) and report losses, epsilon, metrics"
 EXIT_BUDGET = 3
@@ -37,12 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stage", choices=STAGES, default="pretrain")
     parser.add_argument("--task", choices=TASKS, help="fine-tuning task (needed with --stage finetune)")
-    parser.add_argument("--freeze-encoder", action="store_true", help="fine-tune the task head only")
+    parser.add_argument("--trainable", default="all",
+                        help=f"parameter groups to train: {', '.join(TRAINABLE_PRESETS)} or a comma list (default all)")
     parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
     parser.add_argument("--rounds", type=int, default=1, help="local rounds (each is one ledger entry)")
     parser.add_argument("--epsilon", type=float, default=8.0, help="site budget; the run is planned to reach it")
     parser.add_argument("--noise-multiplier", type=float, help="fixed noise multiplier instead of planning for --epsilon")
-    parser.add_argument("--delta", type=float, help="default: the ledger's, else min(1e-5, 1/(10 n_patients))")
+    parser.add_argument("--delta", type=float, default=0.0,
+                        help="default: the ledger's, else min(1e-5, 1/(10 n_patients))")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-patient clipping bound")
     parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
     parser.add_argument("--no-dp", action="store_true", help="train without differential privacy (baselines)")
@@ -52,19 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the per-round records and the config here (JSON)")
     parser.add_argument("--state-dir", type=Path, help="site state folder holding the privacy ledger")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--reproducible-noise", action="store_true",
-                        help="seed DP noise and sampling from --seed (experiments only: whoever knows the seed can replay the noise)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    add_noise_flag(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def vocabulary(site: Path, given: str | None) -> list[str]:
-    """The modality vocabulary: ``given``, else the federation's, else the site manifest's."""
+    """The modality vocabulary: ``given``, else the federation's, else the site's own (any layout
+    that `fedpir validate` reads)."""
     if given:
         return [m.strip() for m in given.split(",") if m.strip()]
     federation = (site if site.is_dir() else site.parent).parent / "federation.json"
     if federation.is_file():
         return list(json.loads(federation.read_text())["modalities"])
-    return load_manifest(site).modalities
+    return open_site(site).modalities
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:
@@ -72,61 +77,71 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
 
 
+def settings_of(args: argparse.Namespace, modalities: list[str]) -> RunSettings:
+    """The flags as run settings, so that the model, DP and trainer are built as in a federation."""
+    finetune = args.stage == "finetune"
+    return RunSettings(
+        seed=args.seed, volume_size=args.size, modalities=",".join(modalities),
+        pretrain_rounds=0 if finetune else args.rounds, finetune_rounds=args.rounds if finetune else 0,
+        local_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dp=not args.no_dp,
+        epsilon_budget=args.epsilon, noise_multiplier=args.noise_multiplier or 0.0, delta=args.delta,
+        max_grad_norm=args.max_grad_norm, accountant=args.accountant, secret_noise=not args.reproducible_noise,
+        finetune_task=args.task or RunSettings.finetune_task, device=args.device,
+        **{f"{args.stage}_trainable": args.trainable},
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train ``--rounds`` rounds, evaluate after each, print and write the records."""
+    """Train ``--rounds`` rounds, evaluate on held-out patients after each, print and write the records."""
     if args.stage == "finetune" and args.task is None:
         print("error: --stage finetune needs --task", file=sys.stderr)
         return 2
     modalities = vocabulary(args.site, args.modalities)
+    settings = settings_of(args, modalities)
     dataset, report = load_site(args.site, modalities, (args.size,) * 3)
     print(report.summary())
     if len(dataset) == 0:
         print(f"error: {report.summary()}", file=sys.stderr)
         return 2
-    dp = DPConfig(
-        enabled=not args.no_dp,
-        target_epsilon=None if args.noise_multiplier is not None else args.epsilon,
-        noise_multiplier=args.noise_multiplier,
-        delta=args.delta,
-        max_grad_norm=args.max_grad_norm,
-        accountant=args.accountant,
-        budget_epsilon=args.epsilon,
-        planned_rounds=args.rounds,
-        secret_noise=not args.reproducible_noise,
-    )
-    torch.manual_seed(args.seed)
-    model = PIRNet(PIRConfig(modalities, spatial_size=(args.size,) * 3))
-    trainer = LocalTrainer(
-        model, dataset, dp=dp, loss_cfg=LossConfig(), batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, state_dir=args.state_dir,
-    )
-    task = args.task if args.stage == "finetune" else None
+    train_idx, holdout_idx = split_holdout(len(dataset), args.seed)
+    train_set, holdout_set = Subset(dataset, train_idx), Subset(dataset, holdout_idx)
+    held_out = len(holdout_set) > 0
+    print(f"{len(train_set)} training patients, {len(holdout_set)} held out for evaluation"
+          + ("" if held_out else " (too few patients: metrics are on the training patients)"))
+    trainer = LocalTrainer.for_run(settings, build_model(settings), train_set, state_dir=args.state_dir, seed=args.seed)
+    objective = objective_for(args.stage, settings.finetune_task)
+    groups = trainable_groups(args.trainable)
+    prefix = "heldout" if held_out else "train"
     rounds: list[dict[str, Any]] = []
     status = 0
     for r in range(args.rounds):
         try:
-            train = trainer.train_round(
-                args.stage, epochs=args.epochs, task=task, progress=not args.no_progress, freeze_encoder=args.freeze_encoder
-            )
+            train = trainer.train_round(objective, args.epochs, groups=groups, progress=not args.no_progress)
         except BudgetExceededError as err:
             print(f"round {r}: {err}", file=sys.stderr)
             status = EXIT_BUDGET
             break
-        record = _finite({"round": r, **train, **{f"eval_{k}": v for k, v in trainer.evaluate(dataset).items()}})
+        metrics = trainer.evaluate(holdout_set if held_out else train_set)
+        record = _finite({"round": r, **train, **{f"{prefix}_{k}": v for k, v in metrics.items()}})
         rounds.append(record)
         eps = f" epsilon={record['epsilon']:.3f}" if "epsilon" in record else " (no DP)"
-        print(f"round {r}: loss={record['loss_total']:.4f}{eps} steps={int(record['steps'])}")
+        print(f"round {r}: loss={record['loss_total']:.4f} {prefix} loss={record[f'{prefix}_loss_total']:.4f}"
+              f"{eps} steps={int(record['steps'])}")
     result = {
         "config": {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if not k.startswith("_")},
             "modalities": modalities,
-            "dp": asdict(dp),
+            "dp": asdict(dp_config_for(settings)),
             "delta": trainer.delta,
+            "train_patients": len(train_set),
+            "heldout_patients": len(holdout_set),
             "validation": report.to_dict(),
         },
         "rounds": rounds,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(args.out)
     return status

@@ -21,12 +21,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fedpir.models.evaluation import evaluate as evaluate_model
-from fedpir.models.losses import TASKS, LossConfig, finetune_losses, pretrain_losses
-from fedpir.models.pir import PIRNet
+from fedpir.models.losses import LossConfig, finetune_losses, pretrain_losses
+from fedpir.models.pir import OBJECTIVE_MODULES, PARAMETER_GROUPS, PIRNet
 from fedpir.privacy.budget import PrivacyBudget, PrivacyLedger
-from fedpir.privacy.dp import DPConfig, PrivateModel, RoundPlan, batch_size_of, collate_patients, default_delta, plan_round
+from fedpir.privacy.dp import (
+    DPConfig,
+    PrivateModel,
+    RoundPlan,
+    batch_size_of,
+    collate_patients,
+    default_delta,
+    dp_config_for,
+    plan_round,
+)
+from fedpir.run_config import RunSettings
 
-STAGES: tuple[str, ...] = ("pretrain", "finetune")
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 
 
@@ -42,6 +51,16 @@ class _Session:
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """A torch device from a setting: "auto" is CUDA when present, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return device
 
 
 class LocalTrainer:
@@ -75,11 +94,9 @@ class LocalTrainer:
         self.n_patients = len(dataset)  # type: ignore[arg-type]
         if self.n_patients < 1:
             raise ValueError("the site has no usable patients")
-        if dp.enabled and not model.dp_compatible:
-            raise ValueError(f"backbone {model.cfg.backbone!r} has no per-patient gradients; use 'cnn' with DP")
         self.model, self.dataset, self.dp, self.loss_cfg = model, dataset, dp, loss_cfg or LossConfig()
         self.batch_size, self.lr, self.optimizer_name, self.seed = batch_size, lr, optimizer, seed
-        self.device = torch.device(device)
+        self.device = resolve_device(device) if isinstance(device, str) else device
         self.model.to(self.device)
         self.ledger = PrivacyLedger.in_dir(state_dir)
         self.budget: PrivacyBudget | None = None
@@ -89,7 +106,16 @@ class LocalTrainer:
         self._data_gen, self._noise_gen, self._loss_gen = (torch.Generator() for _ in range(3))
         self._session: _Session | None = None
         self._plans: dict[int, RoundPlan] = {}
-        self._last_stage: tuple[str, str | None] = ("pretrain", None)
+        self._last_objective = "pretrain"
+
+    @classmethod
+    def for_run(cls, settings: RunSettings, model: PIRNet, dataset: Dataset, *, state_dir: Path | None,
+                seed: int) -> LocalTrainer:
+        """The trainer of a run's settings (DP, losses, batch size, learning rate, device)."""
+        return cls(model, dataset, dp=dp_config_for(settings),
+                   loss_cfg=LossConfig(mim=settings.mim, anatomical=settings.anatomical),
+                   batch_size=settings.batch_size, lr=settings.lr, seed=seed, state_dir=state_dir,
+                   device=settings.device)
 
     # ---- planning ------------------------------------------------------------------------
     @property
@@ -111,25 +137,11 @@ class LocalTrainer:
             )
         return self._plans[epochs]
 
-    @staticmethod
-    def model_stage(stage: str, task: str | None) -> str:
-        """The PIRNet stage of a round: "pretrain", or the fine-tuning task."""
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        if stage == "finetune":
-            if task not in TASKS:
-                raise ValueError(f"fine-tuning needs task in {TASKS}, got {task!r}")
-            return task
-        if task is not None:
-            raise ValueError("pretraining takes no task")
-        return "pretrain"
-
     # ---- rounds --------------------------------------------------------------------------
-    def _session_for(self, model_stage: str, freeze_encoder: bool, plan: RoundPlan | None) -> _Session:
+    def _session_for(self, objective: str, groups: tuple[str, ...], plan: RoundPlan | None) -> _Session:
         """Set which parameters train; reuse the current optimizer/Opacus wrapping if they did not change."""
-        self.model.set_stage(model_stage, frozen_encoder=freeze_encoder)
-        trainable = tuple(n for n, p in self.model.named_parameters() if p.requires_grad)
-        key = (model_stage, trainable)
+        trainable = tuple(self.model.set_trainable(objective, groups))
+        key = (objective, trainable)
         if self._session is not None and self._session.key == key:
             if self._session.private is not None and plan is not None:
                 self._session.private.set_plan(plan)
@@ -158,21 +170,31 @@ class LocalTrainer:
         for gen, s in zip((self._data_gen, self._noise_gen, self._loss_gen), seeds, strict=True):
             gen.manual_seed(s % 2**63)
 
-    def _losses(self, model_stage: str, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def _losses(self, objective: str, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = _to_device(batch, self.device)
-        if model_stage == "pretrain":
+        if objective == "pretrain":
             return pretrain_losses(self.model, batch, self.loss_cfg, generator=generator)
-        return finetune_losses(self.model, batch, model_stage)
+        return finetune_losses(self.model, batch, objective)
 
     def train_round(
         self,
-        stage: str = "pretrain",
+        objective: str = "pretrain",
         epochs: int = 1,
-        task: str | None = None,
+        *,
+        groups: tuple[str, ...] = PARAMETER_GROUPS,
         progress: bool = True,
-        freeze_encoder: bool = False,
+        proximal_mu: float = 0.0,
+        proximal_keys: tuple[str, ...] = (),
     ) -> dict[str, float]:
-        """Train ``epochs`` local epochs of ``stage`` ("pretrain", or "finetune" with a ``task``).
+        """Train ``epochs`` local epochs of ``objective`` ("pretrain", "segmentation" or
+        "classification"), updating only the parameters of ``groups`` (see
+        :meth:`PIRNet.set_trainable`).
+
+        FedProx: with ``proximal_mu`` > 0, after every optimizer step each trained parameter named
+        in ``proximal_keys`` (the weights the server sent) moves towards its value at the start
+        of the round, ``w -= lr * mu * (w - w_start)``: the gradient step of the proximal term
+        ``mu/2 ||w - w_start||^2``, decoupled from the (noisy) data gradient. It depends on no
+        patient, so under DP it is post-processing and costs no privacy.
 
         Returns the patient-weighted mean of each loss term over the round (``loss_<term>``),
         ``epsilon`` spent so far and ``delta`` (private rounds only), ``dp`` (1.0 or 0.0),
@@ -181,14 +203,16 @@ class LocalTrainer:
         if a private round would exceed the site's budget. The loss means are for monitoring:
         they are computed from the private data and are not covered by the DP guarantee.
         """
-        model_stage = self.model_stage(stage, task)
+        if objective not in OBJECTIVE_MODULES:
+            raise ValueError(f"objective must be one of {tuple(OBJECTIVE_MODULES)}, got {objective!r}")
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         plan = self.plan(epochs) if self.budget else None
         if self.budget is not None and plan is not None:
             self.budget.check(plan)  # before anything changes
-        session = self._session_for(model_stage, freeze_encoder, plan)
-        self._last_stage = (stage, task)
+        session = self._session_for(objective, groups, plan)
+        self._last_objective = objective
+        anchor = self._proximal_anchor(proximal_mu, proximal_keys)
         self._seed_round(len(self.ledger.entries))
         steps_before = sum(h[2] for h in self.budget.accountant.history) if self.budget else 0
         sums: dict[str, float] = defaultdict(float)
@@ -197,13 +221,13 @@ class LocalTrainer:
         completed = False
         self.model.train()
         (session.private.zero_grad if session.private else session.optimizer.zero_grad)()  # after a failed round
-        bar = tqdm(total=epochs * len(session.loader), desc=stage, unit="step", disable=not progress, leave=False)
+        bar = tqdm(total=epochs * len(session.loader), desc=objective, unit="step", disable=not progress, leave=False)
         try:
             for _ in range(epochs):
                 for batch in session.loader:
                     n = batch_size_of(batch)
                     if n:
-                        terms = self._losses(model_stage, batch, self._loss_gen)
+                        terms = self._losses(objective, batch, self._loss_gen)
                         terms["total"].backward()
                         for name, value in terms.items():
                             sums[name] += float(value.detach()) * n
@@ -215,6 +239,7 @@ class LocalTrainer:
                     elif n:
                         session.optimizer.step()
                         session.optimizer.zero_grad(set_to_none=True)
+                    self._proximal_step(anchor, proximal_mu)
                     steps += 1
                     bar.update()
                     if n:
@@ -224,16 +249,16 @@ class LocalTrainer:
             completed = True
         finally:
             bar.close()
-            record: dict[str, Any] = {"task": task, "epochs": epochs, "n_patients": self.n_patients}
+            record: dict[str, Any] = {"epochs": epochs, "n_patients": self.n_patients}
             if self.budget is not None and plan is not None:
                 counted = sum(h[2] for h in self.budget.accountant.history) - steps_before
                 if counted:  # a failed round still spent what it counted
-                    self.budget.record(stage=stage, plan=plan, steps=counted, completed=completed,
+                    self.budget.record(objective=objective, plan=plan, steps=counted, completed=completed,
                                        secret_noise=self.dp.secret_noise, **record)
                 if completed and counted != plan.steps:
                     raise RuntimeError(f"accountant counted {counted} steps, planned {plan.steps}")
             elif completed:
-                self.ledger.append({"dp": False, "stage": stage, "steps": steps, **record})
+                self.ledger.append({"dp": False, "objective": objective, "steps": steps, **record})
         metrics = {f"loss_{name}": total / max(patients, 1) for name, total in sums.items()}
         metrics.update(
             dp=float(self.budget is not None),
@@ -246,14 +271,28 @@ class LocalTrainer:
             metrics.update(epsilon=self.budget.spent(), delta=self.budget.delta)
         return metrics
 
+    def _proximal_anchor(self, mu: float, keys: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, its value now) for each trained parameter of ``keys`` when ``mu`` > 0."""
+        if mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {mu}")
+        if mu == 0:
+            return {}
+        wanted = set(keys)
+        return {name: (p, p.detach().clone()) for name, p in self.model.named_parameters()
+                if p.requires_grad and name in wanted}
+
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset, stage: str | None = None, task: str | None = None) -> dict[str, float]:
+    def _proximal_step(self, anchor: dict[str, tuple[torch.Tensor, torch.Tensor]], mu: float) -> None:
+        for param, start in anchor.values():
+            param.sub_(self.lr * mu * (param - start))
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset, objective: str | None = None) -> dict[str, float]:
         """Metrics of :func:`fedpir.models.evaluation.evaluate` (synthesis PSNR/SSIM, Dice,
-        accuracy/AUROC) plus the patient-weighted mean loss terms (``loss_<term>``) of a stage
-        (default: the last trained one) on ``dataset``, with fixed augmentation seeds so that
-        evaluations are comparable."""
-        stage, task = (stage, task) if stage is not None else self._last_stage
-        model_stage = self.model_stage(stage, task)
+        accuracy/AUROC) plus the patient-weighted mean loss terms (``loss_<term>``) of an
+        objective (default: the last trained one) on ``dataset``, with fixed augmentation seeds so
+        that evaluations are comparable."""
+        objective = objective or self._last_objective
         loader = DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate_patients)
         was_training = self.model.training
         self.model.eval()
@@ -263,7 +302,7 @@ class LocalTrainer:
         try:
             for batch in loader:
                 n = batch_size_of(batch)
-                for name, value in self._losses(model_stage, batch, generator).items():
+                for name, value in self._losses(objective, batch, generator).items():
                     sums[name] += float(value) * n
                 patients += n
         finally:

@@ -1,1 +1,1 @@
-"""PIR network, task heads, anchor alignment."""
+"""The PIR network, its losses, augmentations, heads and evaluation metrics."""

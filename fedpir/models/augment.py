@@ -96,7 +96,9 @@ def patch_mask(shape: tuple[int, int, int], g: torch.Generator, patch: int = 4, 
     return mask
 
 
-def crop_starts(shape: tuple[int, int, int], crop: tuple[int, int, int], count: int, g: torch.Generator) -> list[tuple[int, int, int]]:
+def crop_starts(
+    shape: tuple[int, int, int], crop: tuple[int, int, int], count: int, g: torch.Generator
+) -> list[tuple[int, int, int]]:
     """``count`` distinct corners of non-overlapping crops on the grid of crop-sized cells."""
     grid = [s // c for s, c in zip(shape, crop)]
     cells = int(np.prod(grid))

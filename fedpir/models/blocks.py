@@ -8,7 +8,6 @@ grad sampler for it): upsampling is trilinear interpolation followed by a convol
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Sequence
 
@@ -79,38 +78,6 @@ class CNNEncoder(nn.Module):
         return self.levels(x)[-1]
 
 
-class SwinEncoder(nn.Module):
-    """MONAI Swin transformer (the SwinUNETR encoder) for GPU-scale runs; bottleneck stride 32.
-
-    Not usable under Opacus DP-SGD: Swin window attention folds windows into the batch dimension,
-    so per-sample gradients are not per patient. Widths double per stage from ``embed_dim``.
-    """
-
-    def __init__(self, embed_dim: int) -> None:
-        super().__init__()
-        if importlib.util.find_spec("einops") is None:
-            raise ImportError("backbone='swinunetr' needs the 'einops' package (MONAI's Swin uses it); install einops")
-        from monai.networks.nets.swin_unetr import SwinTransformer
-
-        self.swin = SwinTransformer(
-            in_chans=1,
-            embed_dim=embed_dim,
-            window_size=(7, 7, 7),
-            patch_size=(2, 2, 2),
-            depths=(2, 2, 2, 2),
-            num_heads=(1, 2, 4, 8),
-            spatial_dims=3,
-        )
-        self.widths = (embed_dim, *(embed_dim * 2**i for i in range(5)))
-
-    def levels(self, x: Tensor) -> list[Tensor]:
-        """Only the bottleneck: the segmentation head of this backbone takes no skips."""
-        return [self.swin(x)[-1]]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.swin(x)[-1]
-
-
 class BiologicalPrior(nn.Module):
     """The population-level prior P: ``tokens`` learnable vectors of width ``dim``.
 
@@ -158,18 +125,6 @@ def upsampling_trunk(widths: Sequence[int]) -> nn.Sequential:
             Convolution(3, c_in, c_out, kernel_size=3, act=ACT, norm=group_norm(c_out)),
         ]
     return nn.Sequential(*levels)
-
-
-class UpDecoder(nn.Module):
-    """Skip-free decoder: the upsampling trunk, then a 1x1x1 conv to ``out_channels``."""
-
-    def __init__(self, widths: Sequence[int], out_channels: int) -> None:
-        super().__init__()
-        self.up = upsampling_trunk(widths)
-        self.out = nn.Conv3d(widths[0], out_channels, kernel_size=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.up(x))
 
 
 class ModalityDecoder(nn.Module):

@@ -10,21 +10,61 @@ parameter, and (by default) the task heads. The split is declared once, in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from opacus import GradSampleModule
 from torch import Tensor, nn
 
-from fedpir.models.blocks import CNNEncoder, ModalityAdapter, ModalityDecoder, PriorFusion, SwinEncoder
+from fedpir.models.blocks import CNNEncoder, ModalityAdapter, ModalityDecoder, PriorFusion
 from fedpir.models.heads import PooledLinearHead, ProjectionHead, SegmentationHead
+from fedpir.run_config import KEY_POLICIES, RunSettings
 
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-BACKBONES = ("cnn", "swinunetr")
-STAGE_MODULES = {
+#: What a model is trained for in a round (the federation's "pretrain" stage trains "pretrain";
+#: its "finetune" stage trains the run's task), and the top-level modules each objective uses.
+OBJECTIVE_MODULES: dict[str, tuple[str, ...]] = {
     "pretrain": ("adapters", "encoder", "fusion", "decoder", "rotation_head", "projection_head"),
     "segmentation": ("adapters", "encoder", "fusion", "seg_head"),
     "classification": ("adapters", "encoder", "fusion", "cls_head"),
 }
+TASKS: tuple[str, ...] = ("segmentation", "classification")
+#: Parameter groups, the unit in which a round chooses what it trains (see PIRNet.group_of).
+PARAMETER_GROUPS: tuple[str, ...] = (
+    "adapters", "norms", "encoder", "prior", "fusion", "decoder", "ssl_heads", "task_head",
+)
+#: Named choices of trained groups: "all" trains every group the objective uses; "head" only the
+#: task head (a frozen encoder).
+TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {
+    "all": PARAMETER_GROUPS,
+    "head": ("task_head",),
+}
+
+
+def objective_for(stage: str, task: str) -> str:
+    """The objective a federation stage trains: "pretrain", or the fine-tuning ``task``."""
+    if stage == "pretrain":
+        return "pretrain"
+    if stage != "finetune":
+        raise ValueError(f"stage must be pretrain or finetune, got {stage!r}")
+    if task not in TASKS:
+        raise ValueError(f"fine-tuning needs a task in {TASKS}, got {task!r}")
+    return task
+
+
+def trainable_groups(spec: str) -> tuple[str, ...]:
+    """Parse a trained-groups setting: a preset of :data:`TRAINABLE_PRESETS` or a comma list of
+    :data:`PARAMETER_GROUPS`."""
+    if spec in TRAINABLE_PRESETS:
+        return TRAINABLE_PRESETS[spec]
+    groups = tuple(g.strip() for g in spec.split(",") if g.strip())
+    unknown = [g for g in groups if g not in PARAMETER_GROUPS]
+    if unknown or not groups:
+        raise ValueError(
+            f"trainable {spec!r}: use a preset ({', '.join(TRAINABLE_PRESETS)}) or a comma list of "
+            f"{', '.join(PARAMETER_GROUPS)}"
+        )
+    return groups
 
 
 @dataclass
@@ -32,8 +72,7 @@ class PIRConfig:
     """Architecture of :class:`PIRNet`.
 
     ``channels``: CNN widths from input resolution to bottleneck (one stride-2 level per extra
-    width). For ``backbone="swinunetr"`` only ``channels[0]`` is used (Swin embed dim; widths double
-    per stage, bottleneck width ``16 * channels[0]``, stride 32).
+    width).
     """
 
     modalities: list[str]
@@ -43,7 +82,6 @@ class PIRConfig:
     num_heads: int = 4
     proj_dim: int = 32
     num_classes: int = 2
-    backbone: str = "cnn"
 
     def __post_init__(self) -> None:
         self.modalities = list(self.modalities)
@@ -51,8 +89,6 @@ class PIRConfig:
         self.channels = tuple(int(c) for c in self.channels)
         if not self.modalities or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"modalities must be a non-empty list of unique names, got {self.modalities}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
         if len(self.spatial_size) != 3:
             raise ValueError(f"spatial_size must have 3 entries, got {self.spatial_size}")
         stride = self.stride
@@ -64,12 +100,12 @@ class PIRConfig:
     @property
     def stride(self) -> int:
         """Downsampling factor between the input and X_h."""
-        return 32 if self.backbone == "swinunetr" else 2 ** (len(self.channels) - 1)
+        return 2 ** (len(self.channels) - 1)
 
 
 @dataclass(frozen=True)
 class KeyGroups:
-    """State-dict keys of a :class:`PIRNet` split into the three ownership groups of DESIGN.md 2
+    """State-dict keys of a :class:`PIRNet` split into the three ownership groups of docs/architecture.md
     (``norms``: the normalization keys, a subset of ``local``, for the FedBN baseline)."""
 
     shared: list[str] = field(default_factory=list)
@@ -87,31 +123,25 @@ class PIRNet(nn.Module):
 
     LOCAL_MODULES = ("adapters",)
     TASK_HEADS = ("seg_head", "cls_head")
-    ENCODER_MODULES = ("adapters", "encoder", "fusion")
 
     def __init__(self, cfg: PIRConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.adapters = ModalityAdapter(len(cfg.modalities))
-        self.encoder = CNNEncoder(cfg.channels) if cfg.backbone == "cnn" else SwinEncoder(cfg.channels[0])
+        self.encoder = CNNEncoder(cfg.channels)
         widths = self.encoder.widths
         dim = widths[-1]
         self.fusion = PriorFusion(dim, cfg.prior_tokens, cfg.num_heads)
         self.decoder = ModalityDecoder(widths, cfg.modalities)
         self.rotation_head = PooledLinearHead(dim, 4)
         self.projection_head = ProjectionHead(dim, cfg.proj_dim)
-        self.seg_head = SegmentationHead(widths, skips=cfg.backbone == "cnn")
+        self.seg_head = SegmentationHead(widths)
         self.cls_head = PooledLinearHead(dim, cfg.num_classes)
 
     @property
     def dim(self) -> int:
         """Channel width C of X_h."""
         return self.encoder.widths[-1]
-
-    @property
-    def dp_compatible(self) -> bool:
-        """Whether Opacus per-sample gradients are per patient (False for the Swin backbone)."""
-        return self.cfg.backbone == "cnn"
 
     def modality_index(self, modality: str | int) -> int:
         """Index of a modality name (or a checked index) in the vocabulary."""
@@ -138,7 +168,7 @@ class PIRNet(nn.Module):
         """X_h -> every modality of the vocabulary [B, M, D, H, W]."""
         return self.decoder(x_h)
 
-    def segment(self, x_h: Tensor, skips: list[Tensor] | None = None) -> Tensor:
+    def segment(self, x_h: Tensor, skips: list[Tensor]) -> Tensor:
         """X_h (and the encoder skips of :meth:`represent`) -> lesion logits [B, 1, D, H, W]."""
         return self.seg_head(x_h, skips)
 
@@ -186,18 +216,6 @@ class PIRNet(nn.Module):
                 groups.shared.append(key)
         return groups
 
-    def shared_keys(self, include_task_heads: bool = False) -> list[str]:
-        """State-dict keys the server aggregates; ``include_task_heads`` shares the task heads too
-        (their norm parameters stay local)."""
-        groups = self.key_groups()
-        return groups.shared + (groups.task_heads if include_task_heads else [])
-
-    def local_keys(self, include_task_heads: bool = False) -> list[str]:
-        """Complement of :meth:`shared_keys` for the same ``include_task_heads`` (which means "task
-        heads are shared"): with False (default) the task heads are local."""
-        groups = self.key_groups()
-        return groups.local + ([] if include_task_heads else groups.task_heads)
-
     def federated_keys(self, policy: str) -> list[str]:
         """Keys a site exchanges with the server under a key policy (fedpir and the baselines):
         "fedpir" the shared keys; "fedavg" every key; "fedbn" all but normalization; "fedper" all
@@ -213,7 +231,7 @@ class PIRNet(nn.Module):
             return [k for k in every if k.split(".")[0] not in self.TASK_HEADS]
         if policy == "local":
             return []
-        raise ValueError(f"unknown key policy {policy!r}; valid: fedpir, fedavg, fedbn, fedper, local")
+        raise ValueError(f"unknown key policy {policy!r}; valid: {', '.join(KEY_POLICIES)}")
 
     @staticmethod
     def modality_of_key(key: str) -> str | None:
@@ -222,26 +240,46 @@ class PIRNet(nn.Module):
         return parts[2] if parts[:2] == ["decoder", "out"] and len(parts) > 3 else None
 
     # ---- what trains ----------------------------------------------------------------------
-    def freeze_encoder(self, frozen: bool = True) -> None:
-        """Turn gradients off (or on) for everything upstream of X_h: adapters, encoder, prior,
-        attention and fusion. Call before ``PrivacyEngine.make_private``."""
-        for name in self.ENCODER_MODULES:
-            getattr(self, name).requires_grad_(not frozen)
+    def group_of(self, name: str) -> str:
+        """The :data:`PARAMETER_GROUPS` entry of a parameter: a task head owns all its parameters;
+        elsewhere normalization affine parameters are "norms", the prior P is "prior", the rotation
+        and projection heads are "ssl_heads", and the rest is named after its top-level module."""
+        top = name.split(".")[0]
+        if top in self.TASK_HEADS:
+            return "task_head"
+        if name.rsplit(".", 1)[0] in self.norm_paths:
+            return "norms"
+        if name.startswith("fusion.prior."):
+            return "prior"
+        if top in ("rotation_head", "projection_head"):
+            return "ssl_heads"
+        return top
 
-    def set_stage(self, stage: str, frozen_encoder: bool = False) -> None:
-        """Make exactly the modules used by ``stage`` trainable.
+    @cached_property
+    def norm_paths(self) -> frozenset[str]:
+        """Module paths of the normalization layers."""
+        return frozenset(path for path, module in self.named_modules() if isinstance(module, NORM_TYPES))
 
-        ``stage``: "pretrain", "segmentation" or "classification". Needed under Opacus, whose
-        optimizer rejects trainable parameters that received no per-sample gradient (e.g. the
-        task heads during pretraining). Call before ``PrivacyEngine.make_private``.
+    def set_trainable(self, objective: str, groups: tuple[str, ...] = PARAMETER_GROUPS) -> list[str]:
+        """Make trainable exactly the parameters of ``groups`` inside the modules ``objective`` uses;
+        return their names.
+
+        Needed under Opacus, whose optimizer rejects trainable parameters that received no
+        per-sample gradient (e.g. the task heads during pretraining). Call before wrapping the
+        model with Opacus.
         """
-        if stage not in STAGE_MODULES:
-            raise ValueError(f"unknown stage {stage!r}; choose one of {tuple(STAGE_MODULES)}")
-        self.requires_grad_(False)
-        for name in STAGE_MODULES[stage]:
-            getattr(self, name).requires_grad_(True)
-        if frozen_encoder:
-            self.freeze_encoder(True)
+        if objective not in OBJECTIVE_MODULES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {tuple(OBJECTIVE_MODULES)}")
+        used = OBJECTIVE_MODULES[objective]
+        trained = []
+        for name, param in self.named_parameters():
+            on = name.split(".")[0] in used and self.group_of(name) in groups
+            param.requires_grad_(on)
+            if on:
+                trained.append(name)
+        if not trained:
+            raise ValueError(f"no parameter of groups {groups} is used by objective {objective!r}")
+        return trained
 
 
 def average_over_modalities(x_hs: dict[int, Tensor], present: Tensor) -> Tensor:
@@ -269,33 +307,8 @@ def unwrap(model: nn.Module) -> PIRNet:
     return model
 
 
-def shared_state(model: nn.Module, include_task_heads: bool = False) -> dict[str, Tensor]:
-    """Copies of the shared tensors, keyed as in the plain PIRNet's state dict."""
-    net = unwrap(model)
-    state = net.state_dict()
-    return {k: state[k].detach().clone() for k in net.shared_keys(include_task_heads)}
-
-
-def load_shared_state(model: nn.Module, state: dict[str, Tensor], include_task_heads: bool = False) -> None:
-    """Load exactly the shared tensors into ``model``; local tensors are untouched.
-
-    Raises ValueError listing missing, unexpected or wrong-shape keys (nothing is loaded then).
-    """
-    net = unwrap(model)
-    expected = net.shared_keys(include_task_heads)
-    current = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = [
-        f"{k}: got {tuple(state[k].shape)}, expected {tuple(current[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(current[k].shape)
-    ]
-    problems = [
-        f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-        if keys
-    ]
-    if problems:
-        raise ValueError("shared state does not match the model: " + "; ".join(problems))
-    net.load_state_dict({k: state[k] for k in expected}, strict=False)
+def build_model(settings: RunSettings) -> PIRNet:
+    """The federation's model for a run's settings, identical at the server and at every site."""
+    torch.manual_seed(settings.seed)
+    size = settings.volume_size
+    return PIRNet(PIRConfig(modalities=settings.vocabulary, spatial_size=(size, size, size)))

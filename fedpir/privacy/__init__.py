@@ -1,1 +1,1 @@
-"""Differential privacy (Opacus DP-SGD), budget and ledger, secure aggregation, encryption."""
+"""Patient-level DP-SGD (Opacus), the site's privacy budget and its ledger."""

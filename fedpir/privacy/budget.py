@@ -157,11 +157,11 @@ class PrivacyBudget:
             )
         return reach
 
-    def record(self, *, stage: str, plan: RoundPlan, steps: int, **extra: Any) -> dict[str, Any]:
+    def record(self, *, objective: str, plan: RoundPlan, steps: int, **extra: Any) -> dict[str, Any]:
         """Write the ledger entry of a private round whose ``steps`` the accountant has counted."""
         entry = {
             "dp": True,
-            "stage": stage,
+            "objective": objective,
             "steps": steps,
             "sample_rate": plan.sample_rate,
             "noise_multiplier": plan.noise_multiplier,

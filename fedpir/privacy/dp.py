@@ -1,6 +1,6 @@
 """Patient-level DP-SGD with Opacus: configuration, round planning and the private wiring.
 
-The privacy unit is the patient (DESIGN.md, "Privacy unit"): one dataset item is one patient with
+The privacy unit is the patient (docs/architecture.md, "Privacy unit"): one dataset item is one patient with
 all its modality views, the model keeps the batch dimension = patients in every layer call, so the
 per-sample gradients Opacus computes, clips and noises are per-patient gradients and the
 accountant's epsilon is patient-level.
@@ -28,6 +28,8 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
+
+from fedpir.run_config import RunSettings
 
 # Opacus' backward hooks make torch warn when a layer's input needs no gradient (the first layer
 # sees the image); that is expected here and says nothing about the privacy guarantee.
@@ -94,6 +96,19 @@ class DPConfig:
             )
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+
+
+def dp_config_for(settings: RunSettings) -> DPConfig:
+    """A site's DP-SGD settings for a run: a fixed noise multiplier, or (noise-multiplier = 0) the
+    one that spends exactly the budget over all planned rounds of the run."""
+    common = dict(max_grad_norm=settings.max_grad_norm, budget_epsilon=settings.epsilon_budget,
+                  secret_noise=settings.secret_noise, accountant=settings.accountant, delta=settings.delta or None)
+    if not settings.dp:
+        return DPConfig(enabled=False, **common)
+    if settings.noise_multiplier > 0:
+        return DPConfig(noise_multiplier=settings.noise_multiplier, **common)
+    rounds = settings.pretrain_rounds + settings.finetune_rounds
+    return DPConfig(target_epsilon=settings.epsilon_budget, planned_rounds=rounds, **common)
 
 
 def default_delta(n_patients: int) -> float:

@@ -2,22 +2,26 @@
 
 Layout under the run folder::
 
+    checkpoints/run.json             the settings that define the run and their SHA-256
     checkpoints/latest.json          {"round": k, "stage": "pretrain", "stage_round": j, "file": ...}
     checkpoints/round-0007.npz       global shared arrays after round 7
     checkpoints/round-0007.strategy.npz   server-optimizer state (FedAdam/FedYogi moments)
 
 Files are written to a temporary name and renamed, so a crash mid-write leaves the previous
-checkpoint intact. Flower keeps the server-optimizer state in plain attributes
+checkpoint intact. A store opened with other settings than those in ``run.json`` refuses to
+resume (:class:`ResumeError`): a run resumes only itself. Flower keeps the server-optimizer state in plain attributes
 (`current_arrays`, `m_t`, `v_t` of FedOpt strategies) and offers no save/restore; we persist
 those attributes here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -59,13 +63,44 @@ def restore_strategy_state(strategy: object, state: dict[str, dict[str, np.ndarr
         setattr(strategy, attr, value)
 
 
-class CheckpointStore:
-    """Saves and loads per-round checkpoints in ``run_dir/checkpoints``."""
+class ResumeError(ValueError):
+    """The run folder holds checkpoints of a run with other settings."""
 
-    def __init__(self, run_dir: Path, keep: int = 2) -> None:
+
+def _digest(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+class CheckpointStore:
+    """Saves and loads per-round checkpoints in ``run_dir/checkpoints`` for the run whose defining
+    settings are ``fingerprint`` (written to ``run.json`` on first use, checked afterwards)."""
+
+    def __init__(self, run_dir: Path, fingerprint: dict[str, Any], keep: int = 2) -> None:
         self.dir = Path(run_dir) / "checkpoints"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep
+        self._claim(fingerprint)
+
+    def _claim(self, fingerprint: dict[str, Any]) -> None:
+        """Record this run's settings, or check them against the recorded ones."""
+        run_file = self.dir / "run.json"
+        digest = _digest(fingerprint)
+        if run_file.is_file():
+            recorded = json.loads(run_file.read_text())
+            if recorded["sha256"] != digest:
+                old = recorded["settings"]
+                changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+                diff = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed[:6])
+                raise ResumeError(
+                    f"{self.dir.parent} holds a run with other settings ({diff}); it resumes only with "
+                    "the same settings: give this run another run-dir (or leave run-dir unset for a new one)"
+                )
+            return
+        if (self.dir / "latest.json").is_file():
+            raise ResumeError(f"{self.dir} holds checkpoints without their run settings; use another run-dir")
+        tmp = self.dir / "run.json.tmp"
+        tmp.write_text(json.dumps({"sha256": digest, "settings": fingerprint}, indent=1, sort_keys=True))
+        os.replace(tmp, run_file)
 
     def save(self, ckpt: Checkpoint) -> Path:
         """Write a checkpoint, point latest.json at it, prune old ones."""

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedpir.protocol import ROUND_KEY, STAGE_KEY
 from fedpir.server.checkpoint import Checkpoint, CheckpointStore, restore_strategy_state, strategy_state
 
 log = logging.getLogger("fedpir.server")
@@ -79,12 +80,15 @@ def run_federation(
     stages: Iterable[Stage],
     run_dir: Path,
     timeout: float = 3600.0,
+    fingerprint: dict[str, Any] | None = None,
 ) -> ArrayRecord:
-    """Run all stages, checkpointing after every round; resume from ``run_dir`` if it has one.
+    """Run all stages, checkpointing after every round; resume from ``run_dir`` if it holds a
+    checkpoint of this same run (``fingerprint``: the settings that define it; a checkpoint of
+    other settings raises :class:`~fedpir.server.checkpoint.ResumeError`).
 
     Returns the final global shared arrays.
     """
-    store = CheckpointStore(run_dir)
+    store = CheckpointStore(run_dir, fingerprint or {})
     metrics_log = MetricsLog(Path(run_dir) / "metrics.jsonl")
     arrays, done = initial_arrays, 0
     if (ckpt := store.load_latest()) is not None:
@@ -99,7 +103,7 @@ def run_federation(
             global_round += 1
             if global_round <= done:
                 continue
-            config = ConfigRecord({**stage.config, "stage": stage.name, "round": global_round})
+            config = ConfigRecord({**stage.config, STAGE_KEY: stage.name, ROUND_KEY: global_round})
             log.info("[%s round %d/%d] (global round %d)", stage.name, stage_round, stage.rounds, global_round)
 
             replies = list(grid.send_and_receive(

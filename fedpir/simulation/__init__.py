@@ -1,1 +1,1 @@
-"""Synthetic hospital federation (MR phantoms), local federation runner, reports."""
+"""The researcher's runner: a federation on one machine, fedpir against its baselines, reports."""

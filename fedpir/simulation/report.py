@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fedpir.client.site import build_model, site_data  # noqa: E402
+from fedpir.client.site import site_data  # noqa: E402
+from fedpir.models.pir import build_model  # noqa: E402
 from fedpir.run_config import RunSettings  # noqa: E402
 from fedpir.server.rounds import MetricsLog  # noqa: E402
 
@@ -154,7 +155,8 @@ def write_report(out_dir: Path, methods: list[str], settings: RunSettings) -> Pa
     task_key = "dice" if settings.finetune_task == "segmentation" else "accuracy"
     figures = [
         ("Loss and held-out metrics per round", plot_curves(runs, out_dir / "curves.png")),
-        (f"Final held-out {task_key} per site", plot_per_site(runs, task_key, "evaluate", f"held-out {task_key}", out_dir / f"{task_key}_per_site.png")),
+        (f"Final held-out {task_key} per site",
+         plot_per_site(runs, task_key, "evaluate", f"held-out {task_key}", out_dir / f"{task_key}_per_site.png")),
         ("Epsilon spent per site", plot_per_site(runs, "epsilon", "train", "epsilon spent", out_dir / "epsilon_per_site.png")),
     ]
     if "fedpir" in runs and (out_dir / "fedpir" / "global_model.pt").is_file():

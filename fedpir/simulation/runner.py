@@ -15,7 +15,6 @@ Every method writes ``<out>/<method>/metrics.jsonl`` in the server's record form
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,11 +22,13 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset
 
-from fedpir.client.site import Site, build_model, dp_config, site_data, summary_metrics
+from fedpir.client.site import Site, site_data, summary_metrics
 from fedpir.client.trainer import LocalTrainer
+from fedpir.models.pir import build_model, objective_for, trainable_groups
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
 from fedpir.server.server_app import stages
+from fedpir.simulation.engine import run_flower
 
 log = logging.getLogger("fedpir.simulation")
 
@@ -42,21 +43,12 @@ def site_names(settings: RunSettings) -> list[str]:
     return sorted(p.name for p in settings.federation_path.glob("site-*") if p.is_dir())
 
 
-def run_flower(settings: RunSettings) -> None:
-    """One Flower simulation (Ray backend) of ``settings``: one SuperNode per site."""
-    from flwr.simulation import run_simulation
-
+def run_federated(settings: RunSettings) -> None:
+    """One Flower simulation of ``settings``: the real ServerApp, one SuperNode per site."""
     from fedpir.client.client_app import make_client_app
     from fedpir.server.server_app import make_server_app
 
-    cores = os.cpu_count() or 1
-    run_simulation(
-        server_app=make_server_app(settings),
-        client_app=make_client_app(settings),
-        num_supernodes=len(site_names(settings)),
-        backend_config={"client_resources": {"num_cpus": cores, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": cores, "logging_level": "ERROR"}},
-    )
+    run_flower(make_server_app(settings), make_client_app(settings), len(site_names(settings)))
 
 
 def _schedule(settings: RunSettings, metrics_log: MetricsLog,
@@ -86,19 +78,17 @@ def run_centralized(settings: RunSettings) -> None:
     """Centralized reference: one model trained on the pooled training patients of all sites,
     evaluated on each site's held-out patients."""
     data = {name: site_data(settings, settings.federation_path / name, name) for name in site_names(settings)}
-    trainer = LocalTrainer(build_model(settings), ConcatDataset([d[0] for d in data.values()]),
-                           dp=dp_config(settings), batch_size=settings.batch_size, lr=settings.lr,
-                           seed=settings.seed, state_dir=settings.run_path / "pooled")
-    task = settings.finetune_task
+    trainer = LocalTrainer.for_run(settings, build_model(settings), ConcatDataset([d[0] for d in data.values()]),
+                                   state_dir=settings.run_path / "pooled", seed=settings.seed)
 
     def train(stage: str) -> dict[str, dict[str, float]]:
-        metrics = trainer.train_round(stage, settings.local_epochs, task if stage == "finetune" else None,
-                                      progress=False, freeze_encoder=settings.freeze_encoder and stage == "finetune")
+        metrics = trainer.train_round(objective_for(stage, settings.finetune_task), settings.local_epochs,
+                                      groups=trainable_groups(settings.trainable_for(stage)), progress=False)
         return {"pooled": metrics}
 
     def evaluate(stage: str) -> dict[str, dict[str, float]]:
-        return {name: summary_metrics(trainer.evaluate(holdout, stage, task if stage == "finetune" else None))
-                for name, (_, holdout, _) in data.items()}
+        objective = objective_for(stage, settings.finetune_task)
+        return {name: summary_metrics(trainer.evaluate(holdout, objective)) for name, (_, holdout, _) in data.items()}
 
     _schedule(settings, MetricsLog(settings.run_path / "metrics.jsonl"), train, evaluate)
 
@@ -114,6 +104,6 @@ def run_method(method: str, settings: RunSettings, out_dir: Path) -> Path:
     method_settings = replace(settings, run_dir=str(run_dir), federation_dir=str(settings.federation_path),
                               key_policy=policy)
     start = time.perf_counter()
-    {"local": run_local, "centralized": run_centralized}.get(method, run_flower)(method_settings)
+    {"local": run_local, "centralized": run_centralized}.get(method, run_federated)(method_settings)
     log.info("%s finished in %.0f s", method, time.perf_counter() - start)
     return run_dir

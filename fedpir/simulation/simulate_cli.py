@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedpir.run_config import RunSettings
+from fedpir.run_config import RunSettings, add_noise_flag
 
 HELP = "simulate a federation on this machine: fedpir vs baselines, with a Markdown report and plots"
 
@@ -36,8 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, default=d.epsilon_budget, help="privacy budget per site")
     p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--secret-noise", action="store_true",
-                   help="draw DP noise from OS entropy, as deployments do (default: from --seed, so a run repeats)")
+    add_noise_flag(p)
+    p.add_argument("--pretrain-trainable", default=d.pretrain_trainable,
+                   help="parameter groups a pretraining round trains (preset or comma list; see docs/architecture.md)")
+    p.add_argument("--finetune-trainable", default=d.finetune_trainable,
+                   help="parameter groups a fine-tuning round trains (\"head\": the task head only)")
+    p.add_argument("--mim", action="store_true", help="add Alice's masked image modelling term to pretraining")
+    p.add_argument("--anatomical", action="store_true", help="add Alice's anatomical contrast term to pretraining")
+    p.add_argument("--proximal-mu", type=float, default=d.proximal_mu, help="FedProx mu (with --strategy fedprox)")
+    p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -51,11 +58,14 @@ def _quiet(verbose: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate or take the federation, run every method, write the report."""
-    from fedpir.simulation.federation import generate_for_run
+    from fedpir.models.pir import trainable_groups
+    from fedpir.simulation.prepare import synthetic_federation
     from fedpir.simulation.report import write_report
     from fedpir.simulation.runner import METHODS, run_method
 
     _quiet(args.verbose)
+    for spec in (args.pretrain_trainable, args.finetune_trainable):
+        trainable_groups(spec)  # a bad value stops here, before anything is written
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -71,12 +81,14 @@ def run(args: argparse.Namespace) -> int:
         run_dir=str(out), seed=args.seed, num_sites=args.sites, subjects_per_site=args.subjects,
         volume_size=args.size, pretrain_rounds=args.pretrain_rounds, finetune_rounds=args.finetune_rounds,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, strategy=args.strategy,
-        dp=not args.no_dp, epsilon_budget=args.epsilon, secret_noise=args.secret_noise, finetune_task=args.task,
-        min_sites=min(RunSettings().min_sites, args.sites),
+        dp=not args.no_dp, epsilon_budget=args.epsilon, secret_noise=not args.reproducible_noise,
+        finetune_task=args.task, pretrain_trainable=args.pretrain_trainable,
+        finetune_trainable=args.finetune_trainable, mim=args.mim, anatomical=args.anatomical,
+        proximal_mu=args.proximal_mu, device=args.device, min_sites=min(RunSettings().min_sites, args.sites),
     )
     if not args.federation:
         print(f"generating a synthetic federation: {args.sites} sites x {args.subjects} subjects, {args.size}^3")
-        generate_for_run(settings, settings.federation_path)
+        synthetic_federation(settings)
     elif not settings.federation_path.is_dir():
         print(f"error: federation folder {settings.federation_path} does not exist", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Shared-only aggregation strategies, robust and modality-aware aggregation, baselines."""
 
 from fedpir.strategies.factory import STRATEGIES, make_strategy
-from fedpir.strategies.modality import ModalityAwareFedAvg, aggregate_by_modality, has_modality_key
+from fedpir.strategies.modality import ModalityAwareFedAvg, aggregate_by_modality
 from fedpir.strategies.shared import (
     SharedFedAdam,
     SharedFedAvg,
@@ -25,6 +25,5 @@ __all__ = [
     "SharedFedYogi",
     "SharedOnlyMixin",
     "aggregate_by_modality",
-    "has_modality_key",
     "make_strategy",
 ]

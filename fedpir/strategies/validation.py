@@ -38,7 +38,7 @@ class Rejection(TypedDict):
     """One rejected reply: a plain dict, so the server can write it to its JSON metrics log."""
 
     server_round: int
-    stage: str  # "train" or "evaluate"
+    message_type: str  # "train" or "evaluate"
     node_id: int
     reason: str
 
@@ -111,7 +111,7 @@ def update_norm(arrays: ArrayRecord, global_arrays: Mapping[str, np.ndarray]) ->
 
 
 def _majority_metric_keys(
-    accepted: list[Message], server_round: int, stage: str
+    accepted: list[Message], server_round: int, message_type: str
 ) -> tuple[list[Message], list[Rejection]]:
     """Keep replies whose metric keys equal the most common key set (ties: the first seen)."""
     key_sets = [frozenset(next(iter(m.content.metric_records.values())).keys()) for m in accepted]
@@ -129,15 +129,15 @@ def _majority_metric_keys(
         if extra := keys - majority:
             parts.append(f"extra {_names(extra)}")
         reason = "metric keys differ from the round's majority: " + "; ".join(parts)
-        rejected.append(_reject(server_round, stage, message, reason))
+        rejected.append(_reject(server_round, message_type, message, reason))
     return kept, rejected
 
 
-def _reject(server_round: int, stage: str, message: Message, reason: str) -> Rejection:
+def _reject(server_round: int, message_type: str, message: Message, reason: str) -> Rejection:
     """Build one rejection and log it on the ``fedpir.strategies`` logger."""
     node_id = int(message.metadata.src_node_id)
-    log.warning("round %d %s: rejected reply from node %d: %s", server_round, stage, node_id, reason)
-    return Rejection(server_round=server_round, stage=stage, node_id=node_id, reason=reason)
+    log.warning("round %d %s: rejected reply from node %d: %s", server_round, message_type, node_id, reason)
+    return Rejection(server_round=server_round, message_type=message_type, node_id=node_id, reason=reason)
 
 
 def screen_train_replies(

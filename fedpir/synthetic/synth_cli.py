@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from fedpir.simulation.anatomy import ANATOMIES
-from fedpir.simulation.federation import generate_federation
-from fedpir.simulation.scanners import MODALITIES
+from fedpir.synthetic.anatomy import ANATOMIES
+from fedpir.synthetic.federation import generate_federation
+from fedpir.synthetic.scanners import MODALITIES
 
 HELP = "write a synthetic hospital federation (physics-based MR phantoms, NIfTI + manifests)"
 

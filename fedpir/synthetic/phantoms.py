@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpir.simulation.anatomy import Anatomy, Grid, random_warp
-from fedpir.simulation.mr_signal import LITERATURE_1P5T, TISSUES, Sequence, TissueParams
+from fedpir.synthetic.anatomy import Anatomy, Grid, random_warp
+from fedpir.synthetic.mr_signal import LITERATURE_1P5T, TISSUES, Sequence, TissueParams
 
 #: Tissue label values of ``tissue.nii.gz``.
 TISSUE_LABELS: dict[str, int] = {"background": 0, "csf": 1, "gm": 2, "wm": 3, "lesion": 4}

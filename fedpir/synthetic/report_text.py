@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpir.simulation.anatomy import Grid
+from fedpir.synthetic.anatomy import Grid
 
 FRONTAL_Y_MM, OCCIPITAL_Y_MM, TEMPORAL_Z_MM = 7.0, -48.0, -5.0
 LESION_TEMPLATES: tuple[str, ...] = (

@@ -26,12 +26,11 @@ import numpy as np
 from tqdm import tqdm
 
 from fedpir.data.manifest import SiteManifest, SubjectRecord, write_manifest
-from fedpir.run_config import RunSettings
-from fedpir.simulation.anatomy import Anatomy, Grid, make_anatomy
-from fedpir.simulation.mr_signal import LITERATURE_1P5T
-from fedpir.simulation.phantoms import TISSUE_LABELS, sample_phantom
-from fedpir.simulation.report_text import describe
-from fedpir.simulation.scanners import DEFAULT_SUBSETS, MODALITIES, Scanner, check_subsets, make_scanners
+from fedpir.synthetic.anatomy import Anatomy, Grid, make_anatomy
+from fedpir.synthetic.mr_signal import LITERATURE_1P5T
+from fedpir.synthetic.phantoms import TISSUE_LABELS, sample_phantom
+from fedpir.synthetic.report_text import describe
+from fedpir.synthetic.scanners import DEFAULT_SUBSETS, MODALITIES, Scanner, check_subsets, make_scanners
 
 FORMAT_VERSION = 1
 #: Share of each site's subjects without a lesion.
@@ -138,10 +137,3 @@ def generate_federation(
     }
     (out_dir / "federation.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out_dir
-
-
-def generate_for_run(settings: RunSettings, out_dir: Path) -> Path:
-    """The synthetic federation that a run's settings describe (sites, subjects, grid, seed)."""
-    size = settings.volume_size
-    return generate_federation(out_dir, n_sites=settings.num_sites, subjects_per_site=settings.subjects_per_site,
-                               shape=(size, size, size), seed=settings.seed, progress=True)

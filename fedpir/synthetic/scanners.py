@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from monai.transforms import Resize
 
-from fedpir.simulation.mr_signal import Sequence
-from fedpir.simulation.phantoms import Phantom
+from fedpir.synthetic.mr_signal import Sequence
+from fedpir.synthetic.phantoms import Phantom
 
 #: Modality vocabulary of the synthetic federation, in its stable order.
 MODALITIES: tuple[str, ...] = ("t1", "t2", "flair", "pd")
