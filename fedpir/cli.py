@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "synth": "fedpir.synthetic.synth_cli",
     "validate": "fedpir.data.validate_cli",
     "train": "fedpir.client.train_cli",
+    "pretrain-public": "fedpir.client.pretrain_public_cli",
     "simulate": "fedpir.simulation.simulate_cli",
 }
 

@@ -18,7 +18,7 @@ KEY_POLICIES: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper", "local")
 #: Where a run that names no run folder writes, in a folder of its own (``run-<Flower run id>``).
 RUNS_ROOT = Path.home() / ".fedpir" / "runs"
 #: Settings that do not change what a run computes, so a resumed run may differ in them.
-NOT_IN_FINGERPRINT: tuple[str, ...] = ("run_dir", "round_timeout", "device")
+NOT_IN_FINGERPRINT: tuple[str, ...] = ("run_dir", "round_timeout", "device", "warm_start")
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class RunSettings:
     subjects_per_site: int = 12
     volume_size: int = 24
     modalities: str = "t1,t2,flair,pd"
-    pretrain_rounds: int = 3
-    finetune_rounds: int = 2
+    pretrain_rounds: int = 0  # private pretraining rounds (the public warm start is the pretraining)
+    finetune_rounds: int = 4
     local_epochs: int = 1
     batch_size: int = 4
     lr: float = 0.001
@@ -44,15 +44,19 @@ class RunSettings:
     noise_multiplier: float = 0.0  # 0: the noise that spends epsilon_budget over all rounds
     max_grad_norm: float = 1.0
     delta: float = 0.0  # 0: the ledger's delta, else min(1e-5, 1 / (10 patients))
-    accountant: str = "rdp"  # Opacus accountant: rdp or prv
+    accountant: str = "prv"  # Opacus accountant: prv (tighter) or rdp
     secret_noise: bool = True  # DP noise and sampling unknowable from the seed (fedpir.privacy.dp.DPConfig)
     finetune_task: str = "segmentation"
     pretrain_trainable: str = "all"  # parameter groups a pretraining round trains (fedpir.models.pir)
-    finetune_trainable: str = "all"  # ... a fine-tuning round ("head": the task head only)
+    finetune_trainable: str = "norms,adapters,prior,task_out"  # ... a fine-tuning round (docs/results/dp_recipe.json)
     mim: bool = False  # Alice's masked image modelling term in pretraining
     anatomical: bool = False  # Alice's anatomical contrast term in pretraining
     proximal_mu: float = 0.0  # FedProx: the server sends it, sites pull towards the global weights
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
+    warm_start: str = ""  # public warm-start file (fedpir.models.warm_start); empty: random initialisation
+    warm_start_sha256: str = ""  # its checksum, checked by the server and every site
+    augment_views: int = 2  # fine-tuning: augmented views averaged per patient before clipping (0: none)
+    invariance_weight: float = 1.0  # weight of the invariance term (0: the fedpir-noinv ablation)
     min_sites: int = 2
     round_timeout: float = 600.0
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, Context, Message
-from flwr.simulation import run_simulation
 
 from fedpir.client.client_app import make_client_app
 from fedpir.run_config import RunSettings
 from fedpir.server.server_app import make_server_app
+from fedpir.simulation.engine import run_flower
 
 
 def digest(arrays) -> str:
@@ -78,12 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     settings = RunSettings.from_run_config(json.loads(Path(args.settings).read_text()))
-    run_simulation(
-        server_app=make_server_app(settings),
-        client_app=make_client_app(settings, mods=[recording_mod(args.record, args.fail_site, args.corrupt_site)]),
-        num_supernodes=settings.num_sites,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
+    mod = recording_mod(args.record, args.fail_site, args.corrupt_site)
+    run_flower(make_server_app(settings), make_client_app(settings, mods=[mod]), settings.num_sites, cpus_per_site=1)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedpir.models.pir import build_model
+from fedpir.models.warm_start import save_warm_start
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
 
 DRIVER = Path(__file__).with_name("federation_driver.py")
+sys.path.insert(0, str(DRIVER.parent))
+from federation_driver import digest  # noqa: E402
 
 
 def tiny_settings(tmp_path: Path, federation: Path, **overrides) -> RunSettings:
@@ -56,7 +60,11 @@ def run(settings: RunSettings, tmp_path: Path, *extra: str) -> list[dict]:
 
 
 def test_sites_send_only_shared_weights_and_scalar_metrics(tmp_path: Path, federation16: Path) -> None:
-    settings = tiny_settings(tmp_path, federation16)
+    warm_model = build_model(tiny_settings(tmp_path, federation16))
+    with torch.no_grad():
+        warm_model.fusion.prior.tokens.weight.fill_(0.25)  # recognisable warm-start weights
+    sha = save_warm_start(warm_model, tmp_path / "warm.pt", {"made": "test"})
+    settings = tiny_settings(tmp_path, federation16, warm_start=str(tmp_path / "warm.pt"), warm_start_sha256=sha)
     entries = run(settings, tmp_path)
     model = build_model(settings)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -76,9 +84,17 @@ def test_sites_send_only_shared_weights_and_scalar_metrics(tmp_path: Path, feder
     for entry in train + evaluate:
         assert all(t in ("float", "int") for rec in entry["sent"]["metrics"].values() for t in rec.values())
     assert all(not e["sent"]["arrays"] for e in evaluate), "evaluation replies carry no weights"
-    # the local layers stayed at the sites, on disk
+    # the local layers stayed at the sites, on disk, and every site recorded the warm start it checked
     for site in range(4):
         assert (settings.run_path / "sites" / f"site-{site}" / "local_state.pt").is_file()
+        record = json.loads((settings.run_path / "sites" / f"site-{site}" / "warm_start.json").read_text())
+        assert record["sha256"] == sha
+    # the server started the global weights from the warm start
+    first = [e for e in train if e["received"]["configs"]["config"]["round"] == 1]
+    from flwr.app import Array, ArrayRecord
+
+    expected = digest(ArrayRecord({k: Array(v.numpy()) for k, v in warm_model.state_dict().items() if k in shared}))
+    assert len(first) == 4 and all(e["received"]["digest"]["arrays"] == expected for e in first)
     assert (settings.run_path / "global_model.pt").is_file()
 
 
@@ -123,9 +139,6 @@ def test_server_killed_after_round_k_resumes_at_k_plus_1(tmp_path: Path, federat
     assert after == list(range(k + 1, 5))
     # the first round after the restart starts from exactly the checkpointed weights
     from flwr.app import Array, ArrayRecord
-
-    sys.path.insert(0, str(DRIVER.parent))
-    from federation_driver import digest
 
     expected = digest(ArrayRecord({key: Array(value) for key, value in checkpoint.items()}))
     first = [e for e in entries if e["type"] == "train" and e["received"]["configs"]["config"]["round"] == k + 1]

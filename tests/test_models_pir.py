@@ -120,9 +120,11 @@ def test_parameter_groups_cover_every_parameter() -> None:
     assert set(groups.values()) == set(PARAMETER_GROUPS)
     assert groups["fusion.prior.tokens.weight"] == "prior"
     assert groups["encoder.stem.conv.weight"] == "encoder"
-    assert all(g == "task_head" for n, g in groups.items() if n.startswith(("seg_head.", "cls_head.")))
+    assert {g for n, g in groups.items() if n.startswith(("seg_head.", "cls_head."))} == {"task_head", "task_out", "norms"}
+    assert {n for n, g in groups.items() if g == "task_out"} == {
+        "seg_head.out.weight", "seg_head.out.bias", "cls_head.linear.weight", "cls_head.linear.bias"}
     norm_params = {n for n in groups if n.rsplit(".", 1)[0] in net.norm_paths}
-    assert {groups[n] for n in norm_params if not n.startswith(("seg_head.", "cls_head."))} == {"norms"}
+    assert {groups[n] for n in norm_params} == {"norms"}
 
 
 def test_set_trainable_per_objective_and_groups() -> None:
@@ -132,6 +134,7 @@ def test_set_trainable_per_objective_and_groups() -> None:
     assert trainable == {"adapters", "encoder", "fusion", "decoder", "rotation_head", "projection_head"}
     trained = net.set_trainable("segmentation", trainable_groups("head"))
     assert {n.split(".")[0] for n in trained} == {"seg_head"}
+    assert net.set_trainable("segmentation", ("task_out",)) == ["seg_head.out.weight", "seg_head.out.bias"]
     assert {n for n, p in net.named_parameters() if p.requires_grad} == set(trained)
     trained = net.set_trainable("segmentation", trainable_groups("norms,prior"))
     assert trained and all(net.group_of(n) in ("norms", "prior") for n in trained)

@@ -11,7 +11,8 @@ from fedpir.cli import main
 from fedpir.server.rounds import MetricsLog
 from fedpir.simulation.report import final_by_site
 
-TINY = ["--sites", "2", "--subjects", "4", "--size", "16", "--pretrain-rounds", "1", "--finetune-rounds", "1"]
+TINY = ["--sites", "2", "--subjects", "4", "--size", "16", "--pretrain-rounds", "1", "--finetune-rounds", "1",
+        "--warm-start", "none"]
 
 
 def test_simulate_writes_a_report_from_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -27,7 +28,11 @@ def test_simulate_writes_a_report_from_the_runs(tmp_path: Path, capsys: pytest.C
         psnr = finals["site-1"]["psnr"]
         assert f"| {method} | site-1 | " in report and f"{psnr:.3f}" in report
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"local", "centralized"}
+    assert set(summary["final"]) == {"local", "centralized"} and summary["settings"]["num-sites"] == 2
+    assert set(summary["cross_modal"]) == {"local", "centralized"}
+    for result in summary["cross_modal"].values():
+        assert set(result["sites"]) == {"site-0", "site-1"} and 0 <= result["seen"] <= 1
+    assert "Cross-modal generalization" in report
     # the same output folder is not overwritten
     assert main(["simulate", "--out", str(out), "--methods", "local", *TINY]) == 2
     assert "already holds runs of local" in capsys.readouterr().err

@@ -8,6 +8,7 @@ that would exceed the site's budget is refused before it changes anything.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections import defaultdict
@@ -26,16 +27,19 @@ from fedpir.models.pir import OBJECTIVE_MODULES, PARAMETER_GROUPS, PIRNet
 from fedpir.privacy.budget import PrivacyBudget, PrivacyLedger
 from fedpir.privacy.dp import (
     DPConfig,
+    Forecast,
     PrivateModel,
     RoundPlan,
     batch_size_of,
     collate_patients,
     default_delta,
     dp_config_for,
+    forecast,
     plan_round,
 )
 from fedpir.run_config import RunSettings
 
+log = logging.getLogger("fedpir.client")
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 
 
@@ -47,6 +51,7 @@ class _Session:
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     private: PrivateModel | None
+    forecast: Forecast | None = None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -86,6 +91,8 @@ class LocalTrainer:
         seed: int = 0,
         state_dir: Path | None = None,
         device: str | torch.device = "cpu",
+        augment_views: int = 0,
+        name: str = "site",
     ) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
@@ -96,6 +103,7 @@ class LocalTrainer:
             raise ValueError("the site has no usable patients")
         self.model, self.dataset, self.dp, self.loss_cfg = model, dataset, dp, loss_cfg or LossConfig()
         self.batch_size, self.lr, self.optimizer_name, self.seed = batch_size, lr, optimizer, seed
+        self.augment_views, self.name = augment_views, name
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model.to(self.device)
         self.ledger = PrivacyLedger.in_dir(state_dir)
@@ -103,19 +111,22 @@ class LocalTrainer:
         if dp.enabled:
             delta = dp.delta or self.ledger.delta or default_delta(self.n_patients)
             self.budget = PrivacyBudget(dp.budget_epsilon, delta, accountant=dp.accountant, ledger=self.ledger)
-        self._data_gen, self._noise_gen, self._loss_gen = (torch.Generator() for _ in range(3))
+        # Opacus draws the noise on the parameters' device; sampling and augmentation run on the CPU.
+        self._data_gen, self._loss_gen = torch.Generator(), torch.Generator()
+        self._noise_gen = torch.Generator(device=self.device)
         self._session: _Session | None = None
         self._plans: dict[int, RoundPlan] = {}
         self._last_objective = "pretrain"
 
     @classmethod
     def for_run(cls, settings: RunSettings, model: PIRNet, dataset: Dataset, *, state_dir: Path | None,
-                seed: int) -> LocalTrainer:
+                seed: int, name: str = "site") -> LocalTrainer:
         """The trainer of a run's settings (DP, losses, batch size, learning rate, device)."""
         return cls(model, dataset, dp=dp_config_for(settings),
-                   loss_cfg=LossConfig(mim=settings.mim, anatomical=settings.anatomical),
+                   loss_cfg=LossConfig(w_invariance=settings.invariance_weight, mim=settings.mim,
+                                       anatomical=settings.anatomical),
                    batch_size=settings.batch_size, lr=settings.lr, seed=seed, state_dir=state_dir,
-                   device=settings.device)
+                   device=settings.device, augment_views=settings.augment_views, name=name)
 
     # ---- planning ------------------------------------------------------------------------
     @property
@@ -174,7 +185,8 @@ class LocalTrainer:
         batch = _to_device(batch, self.device)
         if objective == "pretrain":
             return pretrain_losses(self.model, batch, self.loss_cfg, generator=generator)
-        return finetune_losses(self.model, batch, objective)
+        views = self.augment_views if self.model.training else 0
+        return finetune_losses(self.model, batch, objective, views=views, generator=generator)
 
     def train_round(
         self,
@@ -212,6 +224,8 @@ class LocalTrainer:
             self.budget.check(plan)  # before anything changes
         session = self._session_for(objective, groups, plan)
         self._last_objective = objective
+        if plan is not None:
+            self._forecast(session, plan)
         anchor = self._proximal_anchor(proximal_mu, proximal_keys)
         self._seed_round(len(self.ledger.entries))
         steps_before = sum(h[2] for h in self.budget.accountant.history) if self.budget else 0
@@ -269,7 +283,19 @@ class LocalTrainer:
         )
         if self.budget is not None:
             metrics.update(epsilon=self.budget.spent(), delta=self.budget.delta)
+        if session.forecast is not None:
+            metrics.update(noise_to_signal=session.forecast.ratio)
         return metrics
+
+    def _forecast(self, session: _Session, plan: RoundPlan) -> None:
+        """Log the noise/signal forecast of the run's private rounds once per set of trained parameters
+        (a warning with options when it predicts failure)."""
+        if session.forecast is not None:
+            return
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        session.forecast = forecast(plan, trained_parameters=trained, n_patients=self.n_patients,
+                                    total_steps=plan.steps * self.dp.planned_rounds)
+        (log.warning if session.forecast.fails else log.info)(session.forecast.message(self.name))
 
     def _proximal_anchor(self, mu: float, keys: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, its value now) for each trained parameter of ``keys`` when ``mu`` > 0."""

@@ -28,6 +28,7 @@ class Purpose(IntEnum):
     VIEW_B = 2
     MIM = 3
     CROPS = 4
+    FINETUNE = 5
 
 
 def patient_seeds(batch_size: int, seeds: Tensor | None = None, generator: torch.Generator | None = None) -> list[int]:

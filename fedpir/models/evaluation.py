@@ -8,6 +8,7 @@ site never trained on.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -17,6 +18,10 @@ from torch import Tensor, nn
 
 from fedpir.models.losses import check_batch
 from fedpir.models.pir import PIRNet, pool_levels, unwrap
+
+# MONAI warns when a site's held-out labels hold one class; AUROC is then NaN, as documented in
+# evaluate(), and the report shows it as missing.
+warnings.filterwarnings("ignore", message="y values can not be all", category=UserWarning)
 
 
 def _device(net: PIRNet) -> torch.device:

@@ -31,13 +31,13 @@ OBJECTIVE_MODULES: dict[str, tuple[str, ...]] = {
 TASKS: tuple[str, ...] = ("segmentation", "classification")
 #: Parameter groups, the unit in which a round chooses what it trains (see PIRNet.group_of).
 PARAMETER_GROUPS: tuple[str, ...] = (
-    "adapters", "norms", "encoder", "prior", "fusion", "decoder", "ssl_heads", "task_head",
+    "adapters", "norms", "encoder", "prior", "fusion", "decoder", "ssl_heads", "task_head", "task_out",
 )
 #: Named choices of trained groups: "all" trains every group the objective uses; "head" only the
 #: task head (a frozen encoder).
 TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {
     "all": PARAMETER_GROUPS,
-    "head": ("task_head",),
+    "head": ("task_head", "task_out"),
 }
 
 
@@ -241,14 +241,17 @@ class PIRNet(nn.Module):
 
     # ---- what trains ----------------------------------------------------------------------
     def group_of(self, name: str) -> str:
-        """The :data:`PARAMETER_GROUPS` entry of a parameter: a task head owns all its parameters;
-        elsewhere normalization affine parameters are "norms", the prior P is "prior", the rotation
-        and projection heads are "ssl_heads", and the rest is named after its top-level module."""
+        """The :data:`PARAMETER_GROUPS` entry of a parameter: normalization affine parameters are
+        "norms" wherever they are; a task head's output layer is "task_out" (a few hundred
+        parameters) and the rest of it "task_head"; the prior P is "prior", the rotation and
+        projection heads are "ssl_heads", and the rest is named after its top-level module."""
         top = name.split(".")[0]
-        if top in self.TASK_HEADS:
-            return "task_head"
         if name.rsplit(".", 1)[0] in self.norm_paths:
             return "norms"
+        if name.startswith(("seg_head.out.", "cls_head.linear.")):
+            return "task_out"
+        if top in self.TASK_HEADS:
+            return "task_head"
         if name.startswith("fusion.prior."):
             return "prior"
         if top in ("rotation_head", "projection_head"):

@@ -34,6 +34,13 @@ from fedpir.run_config import RunSettings
 # Opacus' backward hooks make torch warn when a layer's input needs no gradient (the first layer
 # sees the image); that is expected here and says nothing about the privacy guarantee.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+# Opacus warns that its secure RNG (torchcsprng, unavailable for current torch) is off. fedpir seeds
+# the noise generator itself, from the operating system's entropy unless the run asked for
+# reproducible noise (see DPConfig.secret_noise), so the warning says nothing about this run.
+warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+# The PRV accountant bounds its numeric domain with an RDP estimate; when that estimate's best order
+# is the largest one tried, Opacus warns. The epsilon reported is PRV's own, not the bound.
+warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
@@ -158,6 +165,51 @@ def plan_round(cfg: DPConfig, *, n_patients: int, batch_size: int, epochs: int, 
         assert cfg.noise_multiplier is not None  # DPConfig validation
         sigma = cfg.noise_multiplier
     return RoundPlan(sample_rate=rate, steps=steps, noise_multiplier=float(sigma), max_grad_norm=cfg.max_grad_norm)
+
+
+#: Above this forecast noise/signal ratio a private run is expected to learn little (see forecast).
+FORECAST_LIMIT = 10.0
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """Expected noise/signal of a private run, known before it starts (see :func:`forecast`)."""
+
+    trained_parameters: int
+    expected_batch: float
+    steps: int
+    noise_multiplier: float
+    ratio: float
+
+    @property
+    def fails(self) -> bool:
+        """Whether the run is expected to learn little."""
+        return self.ratio > FORECAST_LIMIT
+
+    def message(self, site: str = "this site") -> str:
+        """One paragraph for the site's log: the figures, and what to change when it fails."""
+        text = (f"{site}: DP forecast noise/signal {self.ratio:.1f} (d={self.trained_parameters} privately trained "
+                f"parameters, {self.expected_batch:.1f} patients per noise draw, {self.steps} private steps, "
+                f"noise multiplier {self.noise_multiplier:.2f})")
+        if self.fails:
+            text += (f"; above {FORECAST_LIMIT:g}, this run is expected to learn little. Options: train fewer "
+                     "parameters (pretrain-/finetune-trainable, e.g. norms,adapters,task_head), start from a public "
+                     "warm start, pool more patients per noise draw (larger batch-size or more patients), or a "
+                     "larger epsilon signed off by the site's privacy officer")
+        return text
+
+
+def forecast(plan: RoundPlan, *, trained_parameters: int, n_patients: int, total_steps: int) -> Forecast:
+    """Noise/signal of DP-SGD over ``total_steps`` steps: sigma * sqrt(d) / (B * sqrt(T)).
+
+    Per step the clipped mean gradient has norm at most C while the noise added to it has norm
+    about sigma * C * sqrt(d) / B (B = q * n expected patients per draw); over T steps the signal
+    adds up linearly and independent noise as sqrt(T). A ratio well above 1 means that the
+    noise dominates every direction of the update.
+    """
+    batch = plan.sample_rate * n_patients
+    ratio = plan.noise_multiplier * math.sqrt(trained_parameters) / (batch * math.sqrt(max(total_steps, 1)))
+    return Forecast(trained_parameters, batch, total_steps, plan.noise_multiplier, ratio)
 
 
 def collate_patients(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -14,9 +14,12 @@ from pathlib import Path
 from fedpir.run_config import RunSettings
 from fedpir.synthetic.federation import generate_federation
 
+#: Patients per site of the simulation-only evaluation set in every modality.
+EVAL_SUBJECTS = 6
 
-def synthetic_federation(settings: RunSettings) -> Path:
-    """The run's synthetic federation folder, generated on first use.
+
+def synthetic_federation(settings: RunSettings, eval_subjects: int = EVAL_SUBJECTS) -> Path:
+    """The run's synthetic federation folder (with its evaluation sets), generated on first use.
 
     Simulated sites run in parallel processes: the first one to take the lock writes the
     federation (into a temporary folder, renamed when complete), the others wait and reuse it.
@@ -33,6 +36,7 @@ def synthetic_federation(settings: RunSettings) -> Path:
                 shutil.rmtree(partial)
             size = settings.volume_size
             generate_federation(partial, n_sites=settings.num_sites, subjects_per_site=settings.subjects_per_site,
-                                shape=(size, size, size), seed=settings.seed, progress=True)
+                                shape=(size, size, size), seed=settings.seed, eval_subjects=eval_subjects,
+                                progress=True)
             partial.rename(path)
     return path

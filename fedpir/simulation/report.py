@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+# matplotlib 3.x calls np.array(x, copy=False) on its own arrays, which NumPy 2 flags as deprecated;
+# it changes nothing in the figures.
+warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy", category=DeprecationWarning)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -148,8 +152,19 @@ def plot_synthesis(run_dir: Path, site: str, path: Path) -> Path | None:
     return path
 
 
-def write_report(out_dir: Path, methods: list[str], settings: RunSettings) -> Path:
-    """Write ``out_dir/report.md`` and its PNGs; returns the report's path."""
+def cross_modal_table(cross_modal: dict[str, Any]) -> str:
+    """Markdown table: Dice per method on input modalities each site trains on and on the others."""
+    lines = ["| method | Dice, seen input modalities | Dice, unseen input modalities | unseen / seen |",
+             "|---|---|---|---|"]
+    for method, result in cross_modal.items():
+        ratio = result["unseen"] / result["seen"] if result["seen"] else float("nan")
+        lines.append(f"| {method} | {_fmt(result['seen'])} | {_fmt(result['unseen'])} | {_fmt(ratio)} |")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None = None) -> Path:
+    """Write ``out_dir/report.md`` and its PNGs (and ``summary.json``); returns the report's path.
+    ``cross_modal``: the result of :func:`fedpir.simulation.cross_modal.cross_modal_summary`."""
     out_dir = Path(out_dir)
     runs = load_runs(out_dir, methods)
     task_key = "dice" if settings.finetune_task == "segmentation" else "accuracy"
@@ -173,10 +188,17 @@ def write_report(out_dir: Path, methods: list[str], settings: RunSettings) -> Pa
         "## Final held-out metrics (last round)", "",
         quality_table(runs, (task_key, *(("auroc",) if task_key == "accuracy" else ()), "psnr", "ssim")), "",
     ]
+    if cross_modal:
+        lines += ["## Cross-modal generalization (one input modality at a time)", "",
+                  "Each site's final model on further patients of that site rendered in every modality "
+                  "(`<federation>/eval`), given one modality as its only input. \"Seen\": modalities the site "
+                  "trains on; \"unseen\": the others.", "", cross_modal_table(cross_modal), ""]
     for title, path in figures:
         lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
+    summary = {m: final_by_site(r) for m, r in runs.items()}
     (out_dir / "summary.json").write_text(json.dumps(
-        {m: final_by_site(r) for m, r in runs.items()}, indent=1, default=float))
+        {"final": summary, "cross_modal": cross_modal or {}, "settings": settings.to_run_config()},
+        indent=1, default=float))
     return report

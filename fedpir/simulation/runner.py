@@ -1,7 +1,9 @@
 """Run fedpir and its baselines on one federation, with the same data, schedule and seeds.
 
-Methods:
+Methods (all but ``scratch`` start from the same public warm start, when the run has one):
     fedpir       Flower simulation; only the shared invariant weights are aggregated
+    fedpir-noinv fedpir without the invariance term (weight 0), from a warm start pretrained without it
+    scratch      fedpir from a random initialisation: what the warm start buys
     fedavg       Flower simulation; every weight is aggregated (plain FedAvg)
     fedbn        Flower simulation; everything but normalization layers (FedBN)
     fedper       Flower simulation; everything but the task heads (FedPer)
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch.utils.data import ConcatDataset
 
 from fedpir.client.site import Site, site_data, summary_metrics
@@ -32,10 +35,12 @@ from fedpir.simulation.engine import run_flower
 
 log = logging.getLogger("fedpir.simulation")
 
-FEDERATED: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper")
+#: Federated methods and the key policy each runs with.
+FEDERATED: dict[str, str] = {"fedpir": "fedpir", "fedpir-noinv": "fedpir", "scratch": "fedpir",
+                             "fedavg": "fedavg", "fedbn": "fedbn", "fedper": "fedper"}
 METHODS: tuple[str, ...] = (*FEDERATED, "local", "centralized")
 #: What `fedpir simulate` runs unless told otherwise (FedPer is the second FedBN/FedPer-style baseline).
-DEFAULT_METHODS: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "local", "centralized")
+DEFAULT_METHODS: tuple[str, ...] = ("fedpir", "fedpir-noinv", "scratch", "fedavg", "fedbn", "local", "centralized")
 
 
 def site_names(settings: RunSettings) -> list[str]:
@@ -91,19 +96,30 @@ def run_centralized(settings: RunSettings) -> None:
         return {name: summary_metrics(trainer.evaluate(holdout, objective)) for name, (_, holdout, _) in data.items()}
 
     _schedule(settings, MetricsLog(settings.run_path / "metrics.jsonl"), train, evaluate)
+    torch.save(trainer.model.state_dict(), settings.run_path / "pooled_model.pt")
 
 
-def run_method(method: str, settings: RunSettings, out_dir: Path) -> Path:
-    """Run one method into ``out_dir/<method>`` (which must not hold an earlier run) and return it."""
+def method_settings(method: str, settings: RunSettings, run_dir: Path,
+                    noinv_warm_start: tuple[str, str] = ("", "")) -> RunSettings:
+    """The settings a method runs with: its key policy, invariance weight and warm start."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    changes: dict = {"run_dir": str(run_dir), "federation_dir": str(settings.federation_path),
+                     "key_policy": FEDERATED.get(method, "local")}
+    if method == "fedpir-noinv":
+        changes.update(invariance_weight=0.0, warm_start=noinv_warm_start[0], warm_start_sha256=noinv_warm_start[1])
+    elif method == "scratch":
+        changes.update(warm_start="", warm_start_sha256="")
+    return replace(settings, **changes)
+
+
+def run_method(method: str, settings: RunSettings, out_dir: Path, noinv_warm_start: tuple[str, str] = ("", "")) -> Path:
+    """Run one method into ``out_dir/<method>`` (which must not hold an earlier run) and return it."""
     run_dir = Path(out_dir) / method
+    run_settings = method_settings(method, settings, run_dir, noinv_warm_start)
     if (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir} already holds a run; choose another --out or remove it")
-    policy = method if method in FEDERATED else "local"
-    method_settings = replace(settings, run_dir=str(run_dir), federation_dir=str(settings.federation_path),
-                              key_policy=policy)
     start = time.perf_counter()
-    {"local": run_local, "centralized": run_centralized}.get(method, run_federated)(method_settings)
+    {"local": run_local, "centralized": run_centralized}.get(method, run_federated)(run_settings)
     log.info("%s finished in %.0f s", method, time.perf_counter() - start)
     return run_dir

@@ -45,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anatomical", action="store_true", help="add Alice's anatomical contrast term to pretraining")
     p.add_argument("--proximal-mu", type=float, default=d.proximal_mu, help="FedProx mu (with --strategy fedprox)")
     p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--warm-start", default="auto",
+                   help="auto: the public warm start, built once and cached (~/.fedpir/warm-starts); none: random "
+                        "initialisation; or a file made by `fedpir pretrain-public`")
+    p.add_argument("--noinv-warm-start", type=Path,
+                   help="warm-start file of the fedpir-noinv ablation, with --warm-start FILE (pretrained with "
+                        "--invariance-weight 0)")
+    p.add_argument("--augment-views", type=int, default=d.augment_views,
+                   help="fine-tuning: augmented views per patient averaged before clipping")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -56,12 +64,39 @@ def _quiet(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def warm_starts(
+    settings: RunSettings, args: argparse.Namespace, methods: list[str]
+) -> tuple[RunSettings, tuple[str, str]]:
+    """The run's warm start (in its settings) and the fedpir-noinv ablation's, per --warm-start."""
+    from dataclasses import replace
+
+    from fedpir.models.warm_start import file_sha256
+    from fedpir.simulation.warm_starts import cached_warm_start
+
+    if args.warm_start == "none":
+        return settings, ("", "")
+    noinv_needed = "fedpir-noinv" in methods
+    if args.warm_start == "auto":
+        main = cached_warm_start(settings, 1.0)
+        noinv = cached_warm_start(settings, 0.0) if noinv_needed else ("", "")
+    else:
+        path = Path(args.warm_start).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--warm-start {path} does not exist; build one with `fedpir pretrain-public`")
+        main = (str(path), file_sha256(path))
+        if noinv_needed and args.noinv_warm_start is None:
+            raise ValueError("method fedpir-noinv needs --noinv-warm-start with --warm-start FILE")
+        noinv = (str(args.noinv_warm_start.resolve()), file_sha256(args.noinv_warm_start)) if noinv_needed else ("", "")
+    return replace(settings, warm_start=main[0], warm_start_sha256=main[1]), noinv
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate or take the federation, run every method, write the report."""
     from fedpir.models.pir import trainable_groups
+    from fedpir.simulation.cross_modal import cross_modal_summary
     from fedpir.simulation.prepare import synthetic_federation
     from fedpir.simulation.report import write_report
-    from fedpir.simulation.runner import METHODS, run_method
+    from fedpir.simulation.runner import METHODS, method_settings, run_method
 
     _quiet(args.verbose)
     for spec in (args.pretrain_trainable, args.finetune_trainable):
@@ -84,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
         dp=not args.no_dp, epsilon_budget=args.epsilon, secret_noise=not args.reproducible_noise,
         finetune_task=args.task, pretrain_trainable=args.pretrain_trainable,
         finetune_trainable=args.finetune_trainable, mim=args.mim, anatomical=args.anatomical,
-        proximal_mu=args.proximal_mu, device=args.device, min_sites=min(RunSettings().min_sites, args.sites),
+        proximal_mu=args.proximal_mu, device=args.device, augment_views=args.augment_views,
+        min_sites=min(RunSettings().min_sites, args.sites),
     )
+    settings, noinv = warm_starts(settings, args, methods)
     if not args.federation:
         print(f"generating a synthetic federation: {args.sites} sites x {args.subjects} subjects, {args.size}^3")
         synthetic_federation(settings)
@@ -96,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
     for i, method in enumerate(methods, 1):
         print(f"[{i}/{len(methods)}] {method} ...", flush=True)
         t0 = time.perf_counter()
-        run_method(method, settings, out)
+        run_method(method, settings, out, noinv)
         print(f"[{i}/{len(methods)}] {method} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    report = write_report(out, methods, settings)
+    print("scoring each site's final model on every single input modality ...", flush=True)
+    cross_modal = cross_modal_summary(out, {m: method_settings(m, settings, out / m, noinv) for m in methods})
+    report = write_report(out, methods, settings, cross_modal)
     print(f"all methods done in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -30,7 +30,14 @@ from fedpir.synthetic.anatomy import Anatomy, Grid, make_anatomy
 from fedpir.synthetic.mr_signal import LITERATURE_1P5T
 from fedpir.synthetic.phantoms import TISSUE_LABELS, sample_phantom
 from fedpir.synthetic.report_text import describe
-from fedpir.synthetic.scanners import DEFAULT_SUBSETS, MODALITIES, Scanner, check_subsets, make_scanners
+from fedpir.synthetic.scanners import (
+    DEFAULT_SUBSETS,
+    MODALITIES,
+    Scanner,
+    check_subsets,
+    make_scanners,
+    random_scanner,
+)
 
 FORMAT_VERSION = 1
 #: Share of each site's subjects without a lesion.
@@ -84,6 +91,46 @@ def _write_subject(
     )
 
 
+#: Seed-space tag of the public corpus: its anatomy and noise streams are disjoint from every site's.
+PUBLIC_STREAM = 7_000_001
+
+
+def generate_public_corpus(
+    out_dir: Path, *, subjects: int = 48, shape: tuple[int, int, int] = (24, 24, 24), seed: int = 0,
+    anatomy: str = "auto", progress: bool = False,
+) -> Path:
+    """A public corpus for warm starts: one folder of ``subjects`` patients in every modality, each
+    volume set from a scanner of its own (:func:`random_scanner`, domain randomization), anatomy
+    and noise from random streams disjoint from every site's, lesion masks as labels. Written like
+    a site (``manifest.json``), so any loader reads it; returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    _check_args(1, subjects, seed, out_dir)
+    grid = Grid.covering_brain(tuple(shape))  # type: ignore[arg-type]
+    body = make_anatomy(anatomy, grid)
+    records = []
+    for j, lesion in enumerate(tqdm(_lesion_flags(seed, PUBLIC_STREAM, subjects), desc="public corpus",
+                                    unit="subject", disable=not progress)):
+        keys = (seed, PUBLIC_STREAM, j)
+        scanner = random_scanner(f"public-{j:03d}", np.random.default_rng([*keys, 1]))
+        records.append(_write_subject(scanner, body, grid, bool(lesion), keys, out_dir / f"pub-{j:03d}"))
+    write_manifest(SiteManifest(site="public", subjects=records), out_dir / "manifest.json")
+    return out_dir
+
+
+#: Folder (under a federation) of the per-site evaluation sets in every modality.
+EVAL_DIR = "eval"
+#: Seed-space tag of the evaluation sets: patients disjoint from every site's own.
+EVAL_STREAM = 9_000_011
+
+
+def _write_eval_set(folder: Path, scanner: Scanner, body: Anatomy, grid: Grid, keys: tuple[int, int], n: int) -> None:
+    """``n`` further patients of a site, rendered in every modality by its scanner."""
+    seed, site = keys
+    records = [_write_subject(scanner, body, grid, bool(lesion), (seed, EVAL_STREAM + site, j), folder / f"eval-{j:03d}")
+               for j, lesion in enumerate(_lesion_flags(seed, EVAL_STREAM + site, n))]
+    write_manifest(SiteManifest(site=f"{scanner.name}-eval", subjects=records), folder / "manifest.json")
+
+
 def generate_federation(
     out_dir: Path,
     *,
@@ -93,9 +140,15 @@ def generate_federation(
     seed: int = 0,
     anatomy: str = "auto",
     modality_subsets: list[list[str]] | None = None,
+    eval_subjects: int = 0,
     progress: bool = False,
 ) -> Path:
     """Simulate ``n_sites`` hospitals of ``subjects_per_site`` patients each and write them under ``out_dir``.
+
+    ``eval_subjects`` > 0 also writes, per site, a simulation-only evaluation set
+    ``out_dir/eval/<site>``: that many further patients rendered in *every* modality of the
+    vocabulary by the site's scanner, so that a site's model can be scored on modalities it never
+    trained on. No site reads it.
 
     ``anatomy``: "icbm" (nilearn's ICBM152 2009a maps), "procedural" (ellipsoids) or "auto" (ICBM when
     available). ``modality_subsets``: one modality list per site (default: DEFAULT_SUBSETS cycled);
@@ -120,6 +173,9 @@ def generate_federation(
             records.append(_write_subject(scanner, body, grid, bool(lesion), (seed, s, index), sub_dir))
             bar.update()
         write_manifest(SiteManifest(site=scanner.name, subjects=records), site_dir / "manifest.json")
+        if eval_subjects:
+            _write_eval_set(out_dir / EVAL_DIR / scanner.name, replace(scanner, modalities=MODALITIES), body, grid,
+                            (seed, s), eval_subjects)
     bar.close()
 
     meta = {

@@ -11,8 +11,11 @@ relative to CSF), from
 - the BrainWeb tissue table (brainweb.bic.mni.mcgill.ca, "tissue_mr_parameters"): CSF 2569/329/1.0,
   grey matter 833/83/0.86, white matter 500/70/0.77, MS lesion 752/237/0.76 (T1/T2/PD).
 
-The lesion uses BrainWeb's MS-lesion values: longer T1 and much longer T2 than white matter, as in
-oedema or demyelination, so it is bright on T2w and FLAIR and slightly dark on T1w.
+The lesion is tumour-like (a mass with vasogenic oedema): much longer T1 and T2 than white matter
+and a raised proton density (T1 1200 ms, T2 200 ms, PD 0.90; BrainWeb's MS-lesion values, 752/237/0.76,
+are close to white matter on T1w and PD-w). So it shows in every modality with a different contrast:
+dark on T1w, bright on T2w, FLAIR and PD-w. That is what lets a representation learnt to be invariant
+across modalities carry the lesion from one modality to another.
 
 Each modality is a fixed function of (PD, T1, T2): the paper's population-static mapping g_m.
 """
@@ -46,7 +49,7 @@ LITERATURE_1P5T: dict[str, TissueParams] = {
     "csf": TissueParams(t1=2569.0, t2=329.0, pd=1.00),
     "gm": TissueParams(t1=833.0, t2=83.0, pd=0.86),
     "wm": TissueParams(t1=500.0, t2=70.0, pd=0.77),
-    "lesion": TissueParams(t1=752.0, t2=237.0, pd=0.76),
+    "lesion": TissueParams(t1=1200.0, t2=200.0, pd=0.90),
 }
 
 

@@ -17,8 +17,9 @@ from fedpir.synthetic.mr_signal import LITERATURE_1P5T, TISSUES, Sequence, Tissu
 TISSUE_LABELS: dict[str, int] = {"background": 0, "csf": 1, "gm": 2, "wm": 3, "lesion": 4}
 #: Between-subject spread (log-normal sd) of T1, T2 and PD: normal tissue, lesion.
 TISSUE_CV, LESION_CV = 0.05, 0.10
-#: Range of the lesion's mean radius (mm); each semi-axis is that times 0.7-1.3.
-LESION_RADIUS_MM: tuple[float, float] = (9.0, 18.0)
+#: Range of the lesion's mean radius (mm); each semi-axis is that times 0.7-1.3. A tumour-sized mass
+#: (40-70 mm across) spans several voxels even on the coarse grids that CPU runs use (8 mm at 24^3).
+LESION_RADIUS_MM: tuple[float, float] = (20.0, 35.0)
 
 
 @dataclass

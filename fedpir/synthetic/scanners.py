@@ -133,13 +133,40 @@ def check_subsets(subsets: list[list[str]], n_sites: int) -> list[tuple[str, ...
     return out
 
 
+#: Domain randomization of the public corpus: protocol timing within these factors of the standard
+#: protocol, TI within TI_SPREAD, slice thickness drawn from PUBLIC_SLICE_MM, noise and bias over
+#: twice the sites' ranges (a public scanner is none of the sites').
+PUBLIC_TIMING_SPREAD, PUBLIC_TI_SPREAD = 0.35, 0.12
+PUBLIC_SLICE_MM: tuple[float, ...] = (0.0, 0.0, 5.0, 8.0, 12.0)
+
+
+def random_scanner(name: str, rng: np.random.Generator) -> Scanner:
+    """A scanner of its own for one public volume: every modality, randomized protocols, noise,
+    bias, resolution and gain (domain randomization)."""
+    degrees = _bias_degrees()
+    return Scanner(
+        name=name,
+        modalities=MODALITIES,
+        protocols={m: STANDARD_PROTOCOLS[m].jittered(rng, PUBLIC_TIMING_SPREAD, PUBLIC_TI_SPREAD) for m in MODALITIES},
+        noise=round(float(rng.uniform(0.5 * NOISE_RANGE[0], 2 * NOISE_RANGE[1])), 4),
+        bias_terms=tuple((i, j, k, round(float(c), 4)) for (i, j, k), c in
+                         zip(degrees, rng.normal(0.0, rng.uniform(0.0, 2 * BIAS_RANGE[1]), size=len(degrees)))),
+        slice_mm=float(rng.choice(PUBLIC_SLICE_MM)),
+        gain=round(float(np.exp(rng.uniform(np.log(300.0), np.log(3000.0)))), 1),
+    )
+
+
+def _bias_degrees() -> list[tuple[int, int, int]]:
+    return [(i, j, k) for i in range(BIAS_DEGREE + 1) for j in range(BIAS_DEGREE + 1 - i)
+            for k in range(BIAS_DEGREE + 1 - i - j) if i + j + k > 0]
+
+
 def make_scanners(n_sites: int, subsets: list[tuple[str, ...]], seed: int) -> list[Scanner]:
     """``n_sites`` scanners with distinct noise, bias, slice thickness, gain and jittered protocols."""
     rng = np.random.default_rng([seed, 1_000_003])
     noises = rng.permutation(np.linspace(*NOISE_RANGE, n_sites))
     biases = rng.permutation(np.linspace(*BIAS_RANGE, n_sites))
-    degrees = [(i, j, k) for i in range(BIAS_DEGREE + 1) for j in range(BIAS_DEGREE + 1 - i)
-               for k in range(BIAS_DEGREE + 1 - i - j) if i + j + k > 0]
+    degrees = _bias_degrees()
     scanners = []
     for s in range(n_sites):
         coeffs = rng.normal(0.0, biases[s], size=len(degrees))

@@ -1,0 +1,68 @@
+"""The README's results table, generated from `fedpir simulate` outputs over several seeds.
+
+    python benchmarks/results_table.py docs/results/default_simulation/seed-*/summary.json
+
+Prints Markdown: per method, the mean held-out lesion Dice over sites (mean ± sd over the runs),
+epsilon, and Dice on seen / unseen single input modalities; then the targets of the issue tracker
+checked against the measured means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def per_run(summary: dict) -> dict[str, dict[str, float]]:
+    """{method: {"dice", "seen", "unseen"}} of one run's summary.json."""
+    out = {}
+    for method, sites in summary["final"].items():
+        cross = summary.get("cross_modal", {}).get(method, {})
+        out[method] = {"dice": float(np.nanmean([m.get("dice", math.nan) for m in sites.values()])),
+                       "seen": cross.get("seen", math.nan), "unseen": cross.get("unseen", math.nan)}
+    return out
+
+
+def fmt(values: list[float]) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.3f} ± {sd:.3f}"
+
+
+def main(paths: list[str]) -> int:
+    runs = [per_run(json.loads(Path(p).read_text())) for p in paths]
+    methods = list(runs[0])
+    lines = [f"Mean over {len(runs)} seeds (± sd); Dice is the mean over sites of held-out lesion Dice.", "",
+             "| method | held-out Dice | Dice, seen input modality | Dice, unseen input modality |", "|---|---|---|---|"]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(fmt([r[m][k] for r in runs if m in r]) for k in ("dice", "seen", "unseen"))
+                     + " |")
+    mean = {m: {k: float(np.nanmean([r[m][k] for r in runs if m in r])) for k in ("dice", "seen", "unseen")}
+            for m in methods}
+    checks = []
+    if "fedpir" in mean:
+        f = mean["fedpir"]
+        checks.append(("fedpir Dice >= 0.5", f["dice"], f["dice"] >= 0.5))
+        for other, margin in (("local", 0.05), ("fedavg", 0.03)):
+            if other in mean:
+                gap = f["dice"] - mean[other]["dice"]
+                checks.append((f"fedpir >= {other} + {margin}", gap, gap >= margin))
+        if f["seen"] == f["seen"]:
+            checks.append(("fedpir unseen / seen >= 0.8", f["unseen"] / f["seen"], f["unseen"] / f["seen"] >= 0.8))
+        if "fedpir-noinv" in mean:
+            gap = f["unseen"] - mean["fedpir-noinv"]["unseen"]
+            checks.append(("fedpir unseen >= fedpir-noinv unseen + 0.05", gap, gap >= 0.05))
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value:.3f} | {'yes' if ok else 'no'} |" for name, value, ok in checks]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,112 @@
+"""The pieces of the DP recipe: declared parameter groups, augmentation multiplicity, the forecast,
+and the public warm start with its checksum."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from opacus import GradSampleModule
+
+from fedpir.client.site import Site
+from fedpir.client.trainer import LocalTrainer
+from fedpir.data.dataset import load_site
+from fedpir.models.losses import finetune_losses
+from fedpir.models.pir import PIRConfig, PIRNet, build_model, trainable_groups
+from fedpir.models.warm_start import RECORD_NAME, WarmStartError, file_sha256, save_warm_start
+from fedpir.privacy.dp import DPConfig, forecast, plan_round
+from fedpir.run_config import RunSettings
+
+SIZE = (16, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def site(small_federation: Path):
+    vocab = json.loads((small_federation / "federation.json").read_text())["modalities"]
+    dataset, _ = load_site(small_federation / "site-3", vocab, SIZE)
+    return vocab, dataset
+
+
+def make_model(vocab: list[str]) -> PIRNet:
+    torch.manual_seed(0)
+    return PIRNet(PIRConfig(vocab, spatial_size=SIZE, channels=(4, 8, 16), prior_tokens=4, num_heads=2, proj_dim=8))
+
+
+def test_a_private_round_changes_only_the_declared_groups(site) -> None:
+    vocab, dataset = site
+    model = make_model(vocab)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = trainable_groups(RunSettings().finetune_trainable)
+    trainer = LocalTrainer(model, dataset, dp=DPConfig(noise_multiplier=1.0, budget_epsilon=50.0), augment_views=2)
+    trainer.train_round("segmentation", 1, groups=groups, progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    declared = {n for n, _ in model.named_parameters() if model.group_of(n) in groups
+                and n.split(".")[0] in ("adapters", "encoder", "fusion", "seg_head")}
+    assert changed and changed <= declared
+    assert {model.group_of(k) for k in changed} >= {"norms", "prior", "task_out"}
+    assert not any(k.startswith(("encoder.down", "decoder.", "seg_head.blocks")) and "adn.N" not in k for k in changed)
+
+
+def test_multiplicity_keeps_one_gradient_per_patient(site) -> None:
+    """K augmented views of a patient are one DP sample: Opacus sees one per-sample gradient per
+    patient, and it equals the gradient of that patient's view-averaged loss computed alone."""
+    vocab, dataset = site
+    model = make_model(vocab)
+    model.set_trainable("segmentation")
+    batch = {k: torch.stack([dataset[i][k] for i in range(3)]) for k in ("image", "present", "mask")}
+    batch["seed"] = torch.tensor([11, 12, 13])
+    module = GradSampleModule(model)
+    finetune_losses(module, batch, "segmentation", views=3)["total"].backward()
+    param = model.seg_head.out.weight
+    per_patient = param.grad_sample.clone()
+    assert per_patient.shape[0] == 3  # patients, not patients x views
+    module._close()
+    model.zero_grad(set_to_none=True)
+    alone = {k: v[1:2] for k, v in batch.items()}
+    finetune_losses(model, alone, "segmentation", views=3)["total"].backward()
+    # Opacus rescales the mean-reduced loss: the per-sample gradient is the patient's own
+    assert torch.allclose(per_patient[1], param.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_forecast_warns_on_the_old_default_and_not_on_the_recipe() -> None:
+    old = plan_round(DPConfig(target_epsilon=8.0, planned_rounds=5), n_patients=9, batch_size=4, epochs=1, delta=1e-5)
+    assert forecast(old, trained_parameters=400_000, n_patients=9, total_steps=old.steps * 5).fails
+    message = forecast(old, trained_parameters=400_000, n_patients=9, total_steps=15).message("site-0")
+    assert "expected to learn little" in message and "train fewer parameters" in message
+    settings = RunSettings()
+    net = build_model(settings)
+    trained = sum(p.numel() for p in net.parameters() if p in
+                  {q for n, q in net.named_parameters() if n in net.set_trainable("segmentation",
+                   trainable_groups(settings.finetune_trainable))})
+    plan = plan_round(DPConfig(target_epsilon=8.0, planned_rounds=settings.finetune_rounds), n_patients=9,
+                      batch_size=settings.batch_size, epochs=settings.local_epochs, delta=1e-5)
+    recipe = forecast(plan, trained_parameters=trained, n_patients=9, total_steps=plan.steps * settings.finetune_rounds)
+    assert trained < 10_000 and not recipe.fails and math.isfinite(recipe.ratio)
+
+
+def test_warm_start_is_checked_loaded_and_recorded_by_the_site(small_federation: Path, tmp_path: Path) -> None:
+    settings = RunSettings(volume_size=16, federation_dir=str(small_federation), run_dir=str(tmp_path / "run"),
+                           modalities=",".join(json.loads((small_federation / "federation.json").read_text())["modalities"]))
+    source = build_model(settings)
+    with torch.no_grad():
+        source.fusion.prior.tokens.weight.fill_(0.5)
+        source.seg_head.out.bias.fill_(-3.0)
+    path = tmp_path / "warm.pt"
+    sha = save_warm_start(source, path, {"made": "test"})
+    assert sha == file_sha256(path)
+    warm = RunSettings(**{**settings.__dict__, "warm_start": str(path), "warm_start_sha256": sha})
+    site = Site(warm, small_federation / "site-0", tmp_path / "state", "site-0")
+    assert torch.equal(site.model.fusion.prior.tokens.weight, source.fusion.prior.tokens.weight)
+    assert torch.equal(site.model.seg_head.out.bias, source.seg_head.out.bias)  # local layers too
+    assert json.loads((tmp_path / "state" / RECORD_NAME).read_text()) == {"path": str(path), "sha256": sha}
+    wrong = RunSettings(**{**warm.__dict__, "warm_start_sha256": "0" * 64})
+    with pytest.raises(WarmStartError, match="refusing"):
+        Site(wrong, small_federation / "site-0", tmp_path / "state2", "site-0")
+    with pytest.raises(WarmStartError, match="must name its SHA-256"):
+        Site(RunSettings(**{**warm.__dict__, "warm_start_sha256": ""}), small_federation / "site-0",
+             tmp_path / "state3", "site-0")
+
+
