@@ -53,7 +53,7 @@ from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import load_site
 from fedpir.models.evaluation import embed
 from fedpir.models.evaluation import evaluate as evaluate_model
-from fedpir.models.losses import CORE_TERMS
+from fedpir.models.losses import ALICE_TERMS, CORE_TERMS, LossConfig
 from fedpir.models.pir import PIRConfig, PIRNet, trainable_groups
 from fedpir.privacy.dp import DPConfig, collate_patients
 from fedpir.synthetic.federation import generate_federation
@@ -88,6 +88,8 @@ class Settings:
     finetune_modes: tuple[str, ...] = tuple(FINETUNE_MODES)
     finetune_seeds: tuple[int, ...] = (0, 1, 2)
     eval_every: int = 25
+    mim: bool = False
+    anatomical: bool = False
 
     def __post_init__(self) -> None:
         if self.held_out < 2 or self.subjects <= self.held_out:
@@ -133,13 +135,15 @@ def pretrain(
         else DPConfig(enabled=False)
     )
     trainer = LocalTrainer(
-        model, dataset, dp=dp, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed, state_dir=state_dir
+        model, dataset, dp=dp, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed, state_dir=state_dir,
+        loss_cfg=LossConfig(mim=settings.mim, anatomical=settings.anatomical),
     )
     rounds = []
     for r in range(epochs):
         rounds.append(trainer.train_round("pretrain", 1, progress=False))
         if log:
-            terms = " ".join(f"{t}={rounds[-1][f'loss_{t}']:.3f}" for t in CORE_TERMS)
+            terms = " ".join(f"{t}={rounds[-1][f'loss_{t}']:.3f}" for t in (*CORE_TERMS, *ALICE_TERMS)
+                             if f"loss_{t}" in rounds[-1])
             print(f"pretrain round {r + 1}/{epochs}: {terms} ({rounds[-1]['seconds']:.0f} s)", file=sys.stderr)
     return rounds
 
@@ -374,6 +378,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None
     p.add_argument("--finetune-seeds", type=int_tuple, default=d.finetune_seeds,
                    help="comma-separated; each draws a labelled set and a data order shared by both arms")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out Dice every N fine-tuning epochs")
+    p.add_argument("--mim", action="store_true", help="add Alice's masked image modelling term to pretraining")
+    p.add_argument("--anatomical", action="store_true", help="add Alice's anatomical contrast term to pretraining")
     p.add_argument("--threads", type=int, default=1, help="torch threads (see docs/results/training_speed.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

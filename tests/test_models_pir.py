@@ -134,8 +134,8 @@ def test_set_trainable_per_objective_and_groups() -> None:
     assert trainable == {"adapters", "encoder", "fusion", "decoder", "rotation_head", "projection_head"}
     trained = net.set_trainable("segmentation", trainable_groups("head"))
     assert {n.split(".")[0] for n in trained} == {"seg_head"}
-    assert net.set_trainable("segmentation", ("task_out",)) == ["seg_head.out.weight", "seg_head.out.bias"]
     assert {n for n, p in net.named_parameters() if p.requires_grad} == set(trained)
+    assert net.set_trainable("segmentation", ("task_out",)) == ["seg_head.out.weight", "seg_head.out.bias"]
     trained = net.set_trainable("segmentation", trainable_groups("norms,prior"))
     assert trained and all(net.group_of(n) in ("norms", "prior") for n in trained)
     assert not any(n.startswith("decoder.") for n in trained), "the decoder is not used by segmentation"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedpir.models.evaluation import embed, evaluate
 from fedpir.models.losses import LossConfig, finetune_losses, pretrain_losses, reconstruction_error
-from fedpir.models.pir import PIRConfig, PIRNet
+from fedpir.models.pir import PIRConfig, PIRNet, trainable_groups
 
 MODALITIES = ["t1", "t2", "flair"]
 SIZE = 16
@@ -194,7 +194,7 @@ def test_finetune_losses_and_frozen_encoder() -> None:
         assert params["encoder.stem.conv.weight"].grad.abs().sum() > 0
         assert params["decoder.out.t1.weight"].grad is None
         net.zero_grad(set_to_none=True)
-    net.set_trainable("segmentation", ("task_head",))
+    net.set_trainable("segmentation", trainable_groups("head"))
     finetune_losses(net, batch, "segmentation")["total"].backward()
     assert net.encoder.stem.conv.weight.grad is None and net.seg_head.out.weight.grad is not None
     unlabeled = finetune_losses(net, dict(batch, label=torch.tensor([-1, -1])), "classification")["total"]

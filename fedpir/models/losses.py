@@ -42,6 +42,8 @@ from fedpir.models.pir import TASKS, PIRNet, unwrap
 
 #: The pretraining terms always computed (the Alice terms "mim" and "anatomical" are optional).
 CORE_TERMS: tuple[str, ...] = ("rotation", "contrastive", "reconstruction", "invariance")
+#: The optional Alice terms (LossConfig.mim, LossConfig.anatomical; run config ``mim``, ``anatomical``).
+ALICE_TERMS: tuple[str, ...] = ("mim", "anatomical")
 
 
 @dataclass
