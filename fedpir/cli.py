@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "validate": "fedpir.data.validate_cli",
     "train": "fedpir.client.train_cli",
     "simulate": "fedpir.simulation.simulate_cli",
+    "provision": "fedpir.deployment.provision_cli",
+    "site": "fedpir.deployment.site_cli",
 }
 
 
