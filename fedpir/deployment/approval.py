@@ -99,7 +99,30 @@ def refusal(list_file: str | None, fab_bytes: bytes) -> str | None:
     return None
 
 
-def install_guard() -> None:
+class Guard:
+    """Wraps Flower's ``pull_task_input`` (remembers the task's ``approved-apps`` list from its node
+    config) and ``install_from_fab`` (refuses a FAB whose hash is not on that list)."""
+
+    def __init__(self, pull, install) -> None:
+        self._pull, self._install = pull, install
+        self.list_file: str | None = None
+
+    def pull(self, client):
+        """Flower's pull, noting the node config's allow-list."""
+        message, context, run, fab = self._pull(client)
+        self.list_file = str(context.node_config.get(APPROVED_APPS_KEY, "")) or None
+        return message, context, run, fab
+
+    def install(self, fab_file, *args, **kwargs):
+        """Flower's install, for approved FABs only."""
+        reason = refusal(self.list_file, fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes())
+        if reason:
+            print(f"fedpir: {reason}", file=sys.stderr)
+            raise AppNotApprovedError(reason)
+        return self._install(fab_file, *args, **kwargs)
+
+
+def install_guard() -> Guard:
     """Make Flower's ClientApp runner check each task's FAB against the node's allow-list before it
     installs or imports anything of it."""
     from flwr.supernode.runtime import run_clientapp as runner
@@ -107,23 +130,9 @@ def install_guard() -> None:
     if not (callable(getattr(runner, "pull_task_input", None)) and callable(getattr(runner, "install_from_fab", None))):
         raise RuntimeError("this Flower version has no run_clientapp.pull_task_input/install_from_fab; "
                            "the app approval guard cannot run")
-    pull, install = runner.pull_task_input, runner.install_from_fab
-    task: dict[str, str | None] = {"list": None}
-
-    def guarded_pull(client):
-        message, context, run, fab = pull(client)
-        task["list"] = str(context.node_config.get(APPROVED_APPS_KEY, "")) or None
-        return message, context, run, fab
-
-    def guarded_install(fab_file, *args, **kwargs):
-        reason = refusal(task["list"], fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes())
-        if reason:
-            print(f"fedpir: {reason}", file=sys.stderr)
-            raise AppNotApprovedError(reason)
-        return install(fab_file, *args, **kwargs)
-
-    runner.pull_task_input = guarded_pull
-    runner.install_from_fab = guarded_install
+    guard = Guard(runner.pull_task_input, runner.install_from_fab)
+    runner.pull_task_input, runner.install_from_fab = guard.pull, guard.install
+    return guard
 
 
 GUARD_SHIM = """#!/bin/sh
@@ -150,5 +159,7 @@ def main() -> None:
     sys.exit(flwr_clientapp())
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as `python -m`: use the package module, so refusals name its error class
+    from fedpir.deployment import approval
+
+    approval.main()
