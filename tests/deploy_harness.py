@@ -137,6 +137,7 @@ class LoopbackDeployment:
         res = self.flwr("supernode", "register", str(pub), CONNECTION, "--name", hospital, "--format", "json")
         assert res.returncode == 0, res.stdout
         node_id = int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
+        provision.record_node_id(self.federation, hospital, node_id)
         self.node_ids[hospital] = node_id
         return node_id
 
@@ -153,13 +154,13 @@ class LoopbackDeployment:
         nodes = json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
         return {int(n["node-id"]) for n in nodes if n["status"] == "online"}
 
-    def wait_online(self, node_ids: set[int], timeout: float = 90) -> None:
-        """Wait until all ``node_ids`` are online."""
+    def wait_online(self, node_ids: set[int], watch: list[Proc] | None = None, timeout: float = 90) -> None:
+        """Wait until all ``node_ids`` are online (failing early if a ``watch``ed process exits)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if node_ids <= self.nodes_online():
                 return
-            for proc in self.procs:
+            for proc in self.procs if watch is None else watch:
                 if proc.popen.poll() is not None:
                     raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.output()[-4000:]}")
             time.sleep(1)

@@ -6,6 +6,7 @@ deployment are shared by the tests of this module, which run in file order."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -159,3 +160,24 @@ def test_plaintext_is_refused(deployment: LoopbackDeployment) -> None:
     finally:
         home.write_text(saved)
     assert '"success": true' not in res.stdout, res.stdout
+
+
+def test_rotated_key_connects_and_the_unregistered_old_key_is_refused(deployment: LoopbackDeployment) -> None:
+    dep = deployment
+    kit = dep.federation / "hospitals" / "spare"
+    old_key = dep.root / "spare-old.key"
+    shutil.copy2(kit / provision.NODE_KEY, old_key)  # rotation deletes it; an attacker may have kept a copy
+    old_id = dep.node_ids["spare"]
+    provision.rotate_hospital(dep.federation, "spare")
+    new_id = dep.register("spare")
+    node = dep.start("spare-rotated", dep.supernode_command("spare", dep.data / "site-0"))
+    dep.wait_online({new_id}, watch=[node])
+    assert old_id not in dep.nodes_online()
+    res = dep.flwr("supernode", "unregister", str(old_id), CONNECTION)
+    assert res.returncode == 0, res.stdout
+    cmd = dep.supernode_command("spare", dep.data / "site-0", max_retries=1, max_wait_time=15)
+    cmd[cmd.index("--auth-supernode-private-key") + 1] = str(old_key)
+    proc = dep.start("probe-old-key", cmd)
+    assert run_exit(proc, timeout=90) != 0
+    assert "Failed to activate SuperNode" in proc.output(), proc.output()[-3000:]
+    assert new_id in dep.nodes_online()

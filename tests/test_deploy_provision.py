@@ -207,3 +207,17 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("fedpir provision: error: ") for line in err), err
     assert "already holds a federation" in err[0] and "unknown hospital 'ghost'" in err[1] and "missing.pub" in err[2]
+
+
+def test_node_ids_follow_the_keys(fed: p.Federation, capsys: pytest.CaptureFixture) -> None:
+    p.record_node_id(fed.root, "st-anna", 111)
+    fed, _ = p.rotate_hospital(fed.root, "st-anna")
+    entry = fed.hospitals["st-anna"]
+    assert "node_id" not in entry and entry["unregister"] == [111]
+    assert main(["provision", "node-id", str(fed.root), "st-anna", "222"]) == 0
+    assert main(["provision", "revoke", str(fed.root), "st-anna"]) == 0
+    out = capsys.readouterr().out
+    assert "flwr supernode unregister 111 <connection>" in out and "flwr supernode unregister 222 <connection>" in out
+    assert p.load_federation(fed.root).hospitals["st-anna"]["unregister"] == [111, 222]
+    with pytest.raises(p.ProvisionError, match="is revoked"):
+        p.record_node_id(fed.root, "st-anna", 333)

@@ -271,11 +271,29 @@ def _retire_key(fed: Federation, name: str, reason: str) -> Path:
     return target
 
 
+def _retire_node_id(entry: dict) -> None:
+    """The node id of a retired key goes to ``unregister`` (what the operator must still unregister)."""
+    if "node_id" in entry:
+        entry.setdefault("unregister", []).append(entry.pop("node_id"))
+
+
 def _hospital(fed: Federation, name: str) -> dict:
     if name not in fed.hospitals:
         known = ", ".join(sorted(fed.hospitals)) or "none"
         raise ProvisionError(f"unknown hospital {name!r}; known: {known}")
     return fed.hospitals[name]
+
+
+def record_node_id(root: Path | str, name: str, node_id: int) -> Federation:
+    """Note the node id ``flwr supernode register`` printed for the hospital's current key (needed to
+    unregister it; ``flwr supernode list`` shows ids, not names)."""
+    fed = load_federation(root)
+    entry = _hospital(fed, name)
+    if entry["status"] != "active":
+        raise ProvisionError(f"hospital {name!r} is {entry['status']}; its key is not to be registered")
+    entry["node_id"] = int(node_id)
+    fed.save()
+    return fed
 
 
 def revoke_hospital(root: Path | str, name: str) -> tuple[Federation, str]:
@@ -287,6 +305,7 @@ def revoke_hospital(root: Path | str, name: str) -> tuple[Federation, str]:
         raise ProvisionError(f"hospital {name!r} is already revoked (since {entry['revoked']})")
     fingerprint = entry["fingerprint"]
     _retire_key(fed, name, "revoked")
+    _retire_node_id(entry)
     entry.update(status="revoked", revoked=_now())
     entry.setdefault("retired", []).append(fingerprint)
     fed.save()
@@ -304,6 +323,7 @@ def rotate_hospital(root: Path | str, name: str, public_key: Path | str | None =
         raise ProvisionError(f"{public_key} is the hospital's current key; rotation needs a new one")
     old = entry["fingerprint"]
     _retire_key(fed, name, "rotated")
+    _retire_node_id(entry)
     entry.update(_install_node_key(fed, name, Path(public_key) if public_key else None))
     entry.setdefault("retired", []).append(old)
     fed.save()

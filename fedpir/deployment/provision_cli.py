@@ -4,6 +4,7 @@
     fedpir provision add DIR HOSPITAL [--public-key FILE]
     fedpir provision rotate DIR HOSPITAL [--public-key FILE]
     fedpir provision revoke DIR HOSPITAL
+    fedpir provision node-id DIR HOSPITAL NODE_ID   (note what `flwr supernode register` printed)
     fedpir provision list DIR
     fedpir provision keygen OUT_DIR          (at a hospital: its own node key pair)
 
@@ -42,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     revoke = sub.add_parser("revoke", help="revoke a hospital's node key")
     revoke.add_argument("dir", type=Path, metavar="DIR")
     revoke.add_argument("hospital", metavar="HOSPITAL")
+    node = sub.add_parser("node-id", help="note the node id `flwr supernode register` printed for a hospital's key")
+    node.add_argument("dir", type=Path, metavar="DIR")
+    node.add_argument("hospital", metavar="HOSPITAL")
+    node.add_argument("node_id", type=int, metavar="NODE_ID")
     listing = sub.add_parser("list", help="hospitals, key fingerprints and status")
     listing.add_argument("dir", type=Path, metavar="DIR")
     keygen = sub.add_parser("keygen", help="at a hospital: make its own node key pair (the private key stays there)")
@@ -49,9 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     keygen.add_argument("--curve", choices=sorted(p.CURVES), default="p384")
 
 
-def _register_steps(pub: Path, hospital: str) -> str:
-    return (f"  register it on the SuperLink (note the node id it prints):\n"
-            f"    flwr supernode register {pub} <connection> --name {hospital}")
+def _register_steps(root: Path, pub: Path, hospital: str) -> str:
+    return (f"  register it on the SuperLink, then note the node id it prints:\n"
+            f"    flwr supernode register {pub} <connection> --name {hospital}\n"
+            f"    fedpir provision node-id {root} {hospital} NODE_ID")
+
+
+def _unregister_steps(entry: dict) -> str:
+    ids = entry.get("unregister", [])
+    if ids:
+        return "\n".join(f"    flwr supernode unregister {i} <connection>" for i in ids)
+    return "    flwr supernode unregister NODE_ID <connection>   (node id from registration or `flwr supernode list`)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,21 +91,27 @@ def run(args: argparse.Namespace) -> int:
                   f"{p.NODE_KEY}: copy it over a secure channel, then delete it here)")
         else:
             print(f"  hand to the hospital's IT: {kit / p.CA_CERT} (its private key never left it)")
-        print(_register_steps(kit / p.NODE_PUB, args.hospital))
+        print(_register_steps(fed.root, kit / p.NODE_PUB, args.hospital))
         if args.action == "rotate":
             print("  the hospital restarts its SuperNode with the new key; then unregister the old node:\n"
-                  "    flwr supernode unregister OLD_NODE_ID <connection>")
+                  + _unregister_steps(entry))
     elif args.action == "revoke":
         fed, fingerprint = p.revoke_hospital(args.dir, args.hospital)
         print(f"hospital {args.hospital!r} revoked (key {fingerprint})")
         print("  the SuperLink still accepts the key until the node is unregistered:\n"
-              "    flwr supernode unregister NODE_ID <connection>   (node id from registration or `flwr supernode list`)")
+              + _unregister_steps(fed.hospitals[args.hospital]))
+    elif args.action == "node-id":
+        p.record_node_id(args.dir, args.hospital, args.node_id)
+        print(f"hospital {args.hospital!r}: node id {args.node_id} noted")
     elif args.action == "list":
         fed = p.load_federation(args.dir)
         print(f"federation {fed.name!r} ({fed.root}); SuperLink names: {', '.join(fed.server_names)}")
         for name, entry in sorted(fed.hospitals.items()):
+            node = f"node {entry['node_id']}" if "node_id" in entry else "node id not noted"
             print(f"  {name:24s} {entry['status']:8s} {entry['fingerprint']}  "
-                  f"({entry['key_origin']} key, since {entry['since']})")
+                  f"({entry['key_origin']} key, since {entry['since']}, {node})")
+            if entry.get("unregister"):
+                print(f"  {'':24s} retired node ids (unregister them): {', '.join(map(str, entry['unregister']))}")
         if not fed.hospitals:
             print("  no hospitals yet")
     elif args.action == "keygen":
