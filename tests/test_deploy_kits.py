@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml  # a dependency of flwr (flower-supernode reads YAML)
 
 from fedpir.deployment import commands
@@ -77,3 +80,15 @@ def test_dockerfile_puts_the_approval_guard_first() -> None:
     assert "write_guard('/opt/fedpir/guard-bin'" in docker
     assert re.search(r"^ENV PATH=/opt/fedpir/guard-bin:\$PATH$", docker, re.M)
     assert re.search(r"^USER fedpir$", docker, re.M)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None or shutil.which("flower-supernode") is None,
+                    reason="systemd-analyze or flower-supernode not installed")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (DEPLOY / "systemd" / "fedpir-supernode.service").read_text()
+    unit = unit.replace("/opt/fedpir/venv/bin/flower-supernode", shutil.which("flower-supernode"))  # installed here
+    unit = unit.replace("EnvironmentFile=/etc/", "EnvironmentFile=-/etc/")  # the file of a real install is optional here
+    (tmp_path / "fedpir-supernode.service").write_text(unit)
+    res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "fedpir-supernode.service")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "fedpir-supernode.service" not in res.stderr, res.stderr
