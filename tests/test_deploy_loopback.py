@@ -138,6 +138,8 @@ def test_node_without_the_federation_ca_cannot_connect(deployment: LoopbackDeplo
     assert run_exit(proc, timeout=90) != 0
     assert "CERTIFICATE_VERIFY_FAILED" in proc.output(), proc.output()[-3000:]
     assert dep.node_ids["spare"] not in dep.nodes_online()
+    res = _flwr_list_with_connection(dep, "")  # the operator's CLI without the CA: system CAs only
+    assert '"success": false' in res.stdout and "Connection to the SuperLink is unavailable" in res.stdout, res.stdout
 
 
 def test_plaintext_is_refused(deployment: LoopbackDeployment) -> None:
@@ -151,15 +153,20 @@ def test_plaintext_is_refused(deployment: LoopbackDeployment) -> None:
     assert run_exit(proc, timeout=90) != 0
     assert "Failed to initialize the connection to the SuperLink" in proc.output(), proc.output()[-3000:]
     # the flwr CLI over plaintext gets nothing either
+    res = _flwr_list_with_connection(dep, "insecure = true\n")
+    assert '"success": false' in res.stdout and "Connection to the SuperLink is unavailable" in res.stdout, res.stdout
+
+
+def _flwr_list_with_connection(dep: LoopbackDeployment, extra: str) -> subprocess.CompletedProcess:
+    """`flwr supernode list` through a connection without the CA, plus ``extra`` lines."""
     home = dep.root / "flwr-home" / "config.toml"
     saved = home.read_text()
     try:
         home.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                        f'address = "{dep.address}"\ninsecure = true\n')
-        res = dep.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
+                        f'address = "{dep.address}"\n{extra}')
+        return dep.flwr("supernode", "list", CONNECTION, "--format", "json", timeout=60)
     finally:
         home.write_text(saved)
-    assert '"success": true' not in res.stdout, res.stdout
 
 
 def test_rotated_key_connects_and_the_unregistered_old_key_is_refused(deployment: LoopbackDeployment) -> None:
