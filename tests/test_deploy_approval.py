@@ -104,3 +104,41 @@ def test_site_cli_approve_from_app_folder(app: Path, tmp_path: Path, capsys: pyt
     assert approval.read_approved(path) == {approval.fab_hash_of_app(app)}
     assert main(["site", "approve", str(path), "--hash", "xyz"]) == 2
     assert "fedpir site: error: not a SHA-256 FAB hash" in capsys.readouterr().err
+
+
+def test_clientapp_refuses_when_approval_is_configured_but_unguarded(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpir.client.client_app import app as client_app
+
+    for attr in ("_run_id", "_task_id", "_node_id"):  # what a ClientApp process knows about its task
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    monkeypatch.setenv(approval.GUARD_ENV, "")  # restored to its state before the test afterwards
+    monkeypatch.delenv(approval.GUARD_ENV)
+    assert approval.require_guard_mod in client_app._mods
+    calls: list[str] = []
+
+    def call_next(msg, context):
+        calls.append("app")
+        return Message(RecordDict(), reply_to=msg)
+
+    def task(node_config: dict) -> Message:
+        msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+        return approval.require_guard_mod(msg, context, call_next)
+
+    listed = {approval.APPROVED_APPS_KEY: str(tmp_path / "approved.txt")}
+    reply = task(listed)
+    assert reply.has_error() and "does not run the fedpir approval guard" in reply.error.reason and not calls
+    assert not task({"data-dir": "/data"}).has_error() and calls == ["app"]  # no list: no policy
+    # the guard approved this task's FAB (as Guard.install does before the app is imported)
+    fab = b"approved fab"
+    (tmp_path / "approved.txt").write_text(hashlib.sha256(fab).hexdigest() + "\n")
+    guard = approval.Guard(pull=lambda c: (None, Context(1, 1, listed, RecordDict(), {}), None, None),
+                           install=lambda f, **kw: None)
+    guard.pull(None)
+    guard.install(fab)
+    assert os.environ[approval.GUARD_ENV] == hashlib.sha256(fab).hexdigest()
+    assert not task(listed).has_error() and calls == ["app", "app"]

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedpir.client.site import Site, site_state_dir
+from fedpir.deployment.approval import require_guard_mod
 from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
 from fedpir.run_config import RunSettings
 
@@ -91,4 +92,4 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
     return app
 
 
-app = make_client_app()
+app = make_client_app(mods=[require_guard_mod])  # deployment: refuse if approved-apps is set but unguarded

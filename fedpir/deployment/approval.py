@@ -14,6 +14,8 @@ one addition: after the task's context and FAB are pulled from the SuperNode, th
 hashed and checked against the node config's list. A refused task ends with Flower's own error reply,
 whose reason names the hash; the ServerApp records it (``train-error`` in ``metrics.jsonl``).
 :func:`write_guard` writes the ``flwr-clientapp`` shim that a SuperNode's ``PATH`` must find first.
+Against misconfiguration (a SuperNode whose PATH misses the shim), the fedpir ClientApp carries
+:func:`require_guard_mod`: with ``approved-apps`` set it refuses any task the guard did not pass.
 The check relies on two module-level names of Flower 1.42's ``flwr.supernode.runtime.run_clientapp``
 (``pull_task_input``, ``install_from_fab``); :func:`install_guard` refuses to start if they moved.
 """
@@ -21,12 +23,15 @@ The check relies on two module-level names of Flower 1.42's ``flwr.supernode.run
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import stat
 import sys
 from pathlib import Path
 
 APPROVED_APPS_KEY = "approved-apps"
+#: Set by the guard in the task's process to the hash it approved (read by :func:`require_guard_mod`).
+GUARD_ENV = "FEDPIR_APPROVED_FAB"
 HASH_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -119,6 +124,9 @@ class Guard:
         if reason:
             print(f"fedpir: {reason}", file=sys.stderr)
             raise AppNotApprovedError(reason)
+        if self.list_file:
+            os.environ[GUARD_ENV] = hashlib.sha256(fab_file if isinstance(fab_file, bytes)
+                                                   else Path(fab_file).read_bytes()).hexdigest()
         return self._install(fab_file, *args, **kwargs)
 
 
@@ -133,6 +141,22 @@ def install_guard() -> Guard:
     guard = Guard(runner.pull_task_input, runner.install_from_fab)
     runner.pull_task_input, runner.install_from_fab = guard.pull, guard.install
     return guard
+
+
+def require_guard_mod(msg, context, call_next):
+    """ClientApp mod against misconfiguration (not against a modified app: the guard is that): a node
+    whose config names ``approved-apps`` but whose SuperNode does not run the guard refuses the task
+    instead of running an unchecked app."""
+    if context.node_config.get(APPROVED_APPS_KEY) and not os.environ.get(GUARD_ENV):
+        from flwr.app import Message
+        from flwr.app.error import Error
+        from flwr.common.constant import ErrorCode
+
+        reason = ("app approval: approved-apps is set but this SuperNode does not run the fedpir approval guard "
+                  "(the flwr-clientapp shim of fedpir.deployment.approval first on PATH); refused")
+        print(f"fedpir: {reason}", file=sys.stderr)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+    return call_next(msg, context)
 
 
 GUARD_SHIM = """#!/bin/sh
