@@ -84,12 +84,16 @@ class LoopbackDeployment:
         env.update(extra)
         return env
 
-    def start(self, name: str, cmd: list[str]) -> Proc:
-        """Start ``cmd`` in a new process group, output to ``logs/NAME.log``."""
+    def start(self, name: str, cmd: list[str], guarded: bool = True) -> Proc:
+        """Start ``cmd`` in a new process group, output to ``logs/NAME.log``; ``guarded=False``: without
+        the approval shim on PATH (a misconfigured hospital)."""
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
+        env = self.env()
+        if not guarded:
+            env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if d != str(self.guard_bin))
         with log.open("wb") as fh:
-            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+            popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         proc = Proc(name, popen, log, cmd)
         self.procs.append(proc)
         return proc
@@ -170,6 +174,10 @@ class LoopbackDeployment:
     def write_guard(self) -> Path:
         """The approval shim for this Python."""
         return approval.write_guard(self.guard_bin, python=sys.executable)
+
+    def stop(self, proc: Proc) -> None:
+        """Stop one process group."""
+        _stop_group(proc.popen)
 
     def close(self) -> None:
         """Stop every process group this deployment started (TERM, then KILL)."""

@@ -32,7 +32,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("loopback")
     fed = root / "federation"
     provision.init_federation(fed, "loopback")
-    for name in (*HOSPITALS, "unregistered", "spare"):
+    for name in (*HOSPITALS, "unregistered", "spare", "unguarded"):
         provision.add_hospital(fed, name)
     data = generate_federation(root / "data", n_sites=2, subjects_per_site=4, shape=(16, 16, 16), seed=0)
     app = copy_app(root / "app")
@@ -47,6 +47,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
             approval.approve(root / "approved" / f"{hospital}.txt", fab_hash, note="fedpir loopback test")
             dep.start(hospital, dep.supernode_command(hospital, data / f"site-{i}"))
         dep.register("spare")  # registered, never started: the no-CA and plaintext probes use its key
+        dep.register("unguarded")  # started only by the approval test, without the guard on PATH
+        approval.approve(root / "approved" / "unguarded.txt", fab_hash)
         dep.wait_online({dep.node_ids[h] for h in HOSPITALS})
         yield dep
     finally:
@@ -100,7 +102,10 @@ def test_unapproved_app_is_refused_with_its_hash(deployment: LoopbackDeployment)
     dep = deployment
     lists = {h: dep.root / "approved" / f"{h}.txt" for h in HOSPITALS}
     saved = {h: p.read_text() for h, p in lists.items()}
+    # a third hospital approved this very app but its SuperNode runs without the guard on PATH
+    unguarded = dep.start("unguarded", dep.supernode_command("unguarded", dep.data / "site-1"), guarded=False)
     try:  # st-anna approved another version only; city-general withdrew its approval
+        dep.wait_online({dep.node_ids["unguarded"]}, watch=[unguarded])
         lists[HOSPITALS[0]].write_text("0" * 64 + "  # an older version\n")
         assert approval.withdraw(lists[HOSPITALS[1]], dep.fab_hash)
         run_dir = dep.root / "run-refused"
@@ -110,13 +115,14 @@ def test_unapproved_app_is_refused_with_its_hash(deployment: LoopbackDeployment)
     finally:
         for h, text in saved.items():
             lists[h].write_text(text)
-    errors = [r for r in rows if r["kind"] == "train-error"]
-    assert {str(r["site"]) for r in errors} == {str(dep.node_ids[h]) for h in HOSPITALS}, (rows, res.stdout[-3000:])
-    for r in errors:
-        assert f"FAB hash {dep.fab_hash} is not approved" in r["error"], r
-    assert not [r for r in rows if r["kind"] == "train"]
+        dep.stop(unguarded)
+    errors = {str(r["site"]): r["error"] for r in rows if r["kind"] == "train-error"}
+    assert set(errors) == {str(dep.node_ids[h]) for h in (*HOSPITALS, "unguarded")}, (rows, res.stdout[-3000:])
     for h in HOSPITALS:
+        assert f"FAB hash {dep.fab_hash} is not approved" in errors[str(dep.node_ids[h])]
         assert f"FAB hash {dep.fab_hash} is not approved" in (dep.root / "logs" / f"{h}.log").read_text()
+    assert "does not run the fedpir approval guard" in errors[str(dep.node_ids["unguarded"])]
+    assert not [r for r in rows if r["kind"] == "train"]
 
 
 def test_unregistered_node_key_is_refused(deployment: LoopbackDeployment) -> None:
