@@ -67,8 +67,10 @@ def test_refusal_decisions(tmp_path: Path) -> None:
     assert digest in missing and "cannot read" in missing  # fails closed
 
 
-def test_guard_refuses_before_install(tmp_path: Path) -> None:
+def test_guard_refuses_before_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
+
+    monkeypatch.setattr(approval, "GUARDED", {})
 
     installed: list[bytes] = []
     listed = tmp_path / "approved.txt"
@@ -115,8 +117,7 @@ def test_clientapp_refuses_when_approval_is_configured_but_unguarded(monkeypatch
 
     for attr in ("_run_id", "_task_id", "_node_id"):  # what a ClientApp process knows about its task
         monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
-    monkeypatch.setenv(approval.GUARD_ENV, "")  # restored to its state before the test afterwards
-    monkeypatch.delenv(approval.GUARD_ENV)
+    monkeypatch.setattr(approval, "GUARDED", {})
     assert approval.require_guard_mod in client_app._mods
     calls: list[str] = []
 
@@ -140,5 +141,5 @@ def test_clientapp_refuses_when_approval_is_configured_but_unguarded(monkeypatch
                            install=lambda f, **kw: None)
     guard.pull(None)
     guard.install(fab)
-    assert os.environ[approval.GUARD_ENV] == hashlib.sha256(fab).hexdigest()
+    assert approval.GUARDED == {"fab_hash": hashlib.sha256(fab).hexdigest()}
     assert not task(listed).has_error() and calls == ["app", "app"]

@@ -4,6 +4,7 @@ Node config (``flower-supernode --node-config``), deployment:
     data-dir     the site's folder or manifest (required)
     state-dir    where local layers and the privacy ledger live (default: under the run folder)
     site-name    name reported to the server (default: the data folder's name)
+    approved-apps  the hospital's allow-list of FAB hashes (fedpir.deployment.approval; deploy/README.md)
 Simulation (Flower's simulation engine sets ``partition-id``): the node serves ``site-<id>`` of the
 run's federation folder; without a configured ``federation-dir`` the simulation side
 (:func:`fedpir.simulation.prepare.synthetic_federation`) writes the synthetic federation of the

@@ -12,10 +12,13 @@ before Flower installs or imports the FAB: ``python -m fedpir.deployment.approva
 ``flwr-clientapp`` (the process Flower's SuperExec starts for every task, looked up on ``PATH``) with
 one addition: after the task's context and FAB are pulled from the SuperNode, the FAB's bytes are
 hashed and checked against the node config's list. A refused task ends with Flower's own error reply,
-whose reason names the hash; the ServerApp records it (``train-error`` in ``metrics.jsonl``).
+whose reason names the hash; the ServerApp records it (``train-error`` in ``metrics.jsonl``). An
+approved task then runs the app's code from its FAB, as under plain Flower (the guard drops the fedpir
+modules it imported, so the hospital's installed fedpir does not shadow the approved code).
 :func:`write_guard` writes the ``flwr-clientapp`` shim that a SuperNode's ``PATH`` must find first.
 Against misconfiguration (a SuperNode whose PATH misses the shim), the fedpir ClientApp carries
-:func:`require_guard_mod`: with ``approved-apps`` set it refuses any task the guard did not pass.
+:func:`require_guard_mod`: with ``approved-apps`` set it refuses any task the guard did not pass (a
+mark in this module, in the task's process; an environment variable would leak into child processes).
 The check relies on two module-level names of Flower 1.42's ``flwr.supernode.runtime.run_clientapp``
 (``pull_task_input``, ``install_from_fab``); :func:`install_guard` refuses to start if they moved.
 """
@@ -23,15 +26,15 @@ The check relies on two module-level names of Flower 1.42's ``flwr.supernode.run
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import stat
 import sys
 from pathlib import Path
 
 APPROVED_APPS_KEY = "approved-apps"
-#: Set by the guard in the task's process to the hash it approved (read by :func:`require_guard_mod`).
-GUARD_ENV = "FEDPIR_APPROVED_FAB"
+#: In the task's process only (never inherited, unlike an environment variable): the FAB hash the guard
+#: passed. This module stays loaded when the app's own copy of fedpir is imported (see :func:`main`).
+GUARDED: dict[str, str] = {}
 HASH_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -125,8 +128,8 @@ class Guard:
             print(f"fedpir: {reason}", file=sys.stderr)
             raise AppNotApprovedError(reason)
         if self.list_file:
-            os.environ[GUARD_ENV] = hashlib.sha256(fab_file if isinstance(fab_file, bytes)
-                                                   else Path(fab_file).read_bytes()).hexdigest()
+            GUARDED["fab_hash"] = hashlib.sha256(fab_file if isinstance(fab_file, bytes)
+                                                 else Path(fab_file).read_bytes()).hexdigest()
         return self._install(fab_file, *args, **kwargs)
 
 
@@ -147,7 +150,7 @@ def require_guard_mod(msg, context, call_next):
     """ClientApp mod against misconfiguration (not against a modified app: the guard is that): a node
     whose config names ``approved-apps`` but whose SuperNode does not run the guard refuses the task
     instead of running an unchecked app."""
-    if context.node_config.get(APPROVED_APPS_KEY) and not os.environ.get(GUARD_ENV):
+    if context.node_config.get(APPROVED_APPS_KEY) and not GUARDED.get("fab_hash"):
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode
@@ -175,8 +178,12 @@ def write_guard(bin_dir: Path | str, python: str = "python3") -> Path:
 
 
 def main() -> None:
-    """``flwr-clientapp`` with the approval guard."""
+    """``flwr-clientapp`` with the approval guard. The app then runs from its FAB, as under plain Flower:
+    the fedpir modules this guard imported are dropped (all but this one, which keeps :data:`GUARDED`),
+    so that ``fedpir`` is imported again from the installed FAB, not from this environment."""
     install_guard()
+    for name in [m for m in sys.modules if (m == "fedpir" or m.startswith("fedpir.")) and m != __name__]:
+        del sys.modules[name]
     from flwr.supernode.cli import flwr_clientapp
 
     sys.argv[0] = "flwr-clientapp"
