@@ -21,6 +21,16 @@ from fedpir.deployment import approval, commands, provision
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "loopback"
+#: Environment variable naming a folder where the test app's ClientApp notes which file it was loaded from.
+LOADED_FROM_ENV = "FEDPIR_TEST_LOADED_FROM"
+#: Appended to the copied app's client_app.py (the copy only): proves which fedpir code a node runs.
+LOADED_FROM_PROBE = f"""
+
+import os as _os  # loopback test probe (tests/deploy_harness.py)
+
+if _os.environ.get("{LOADED_FROM_ENV}"):
+    (Path(_os.environ["{LOADED_FROM_ENV}"]) / f"{{_os.getpid()}}.txt").write_text(__file__)
+"""
 
 
 def free_port() -> int:
@@ -30,13 +40,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def copy_app(dest: Path) -> Path:
+def copy_app(dest: Path, probe: bool = False) -> Path:
     """The Flower app (pyproject.toml, README.md and the fedpir package) copied to ``dest``, so that
-    ``flwr run`` never touches the repository's files."""
+    ``flwr run`` never touches the repository's files; ``probe``: with :data:`LOADED_FROM_PROBE`."""
     dest.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "fedpir", dest / "fedpir", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if probe:
+        with (dest / "fedpir" / "client" / "client_app.py").open("a") as fh:
+            fh.write(LOADED_FROM_PROBE)
     return dest
 
 
@@ -80,7 +93,7 @@ class LoopbackDeployment:
         env.update(FLWR_HOME=str(self.root / "flwr-home"), FLWR_TELEMETRY_ENABLED="0", OMP_NUM_THREADS="1",
                    MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
                    PATH=os.pathsep.join([str(self.guard_bin), str(Path(sys.executable).parent), env.get("PATH", "")]),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **{LOADED_FROM_ENV: str(self.root / "loaded-from")})
         env.update(extra)
         return env
 

@@ -35,11 +35,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
     for name in (*HOSPITALS, "unregistered", "spare", "unguarded"):
         provision.add_hospital(fed, name)
     data = generate_federation(root / "data", n_sites=2, subjects_per_site=4, shape=(16, 16, 16), seed=0)
-    app = copy_app(root / "app")
+    app = copy_app(root / "app", probe=True)
     fab_hash = approval.fab_hash_of_app(app)
     dep = LoopbackDeployment(root, fed)
     dep.app, dep.fab_hash, dep.data = app, fab_hash, data
     dep.write_guard()
+    (root / "loaded-from").mkdir()
     try:
         dep.start_superlink()
         for i, hospital in enumerate(HOSPITALS):
@@ -88,6 +89,10 @@ def test_federated_run_over_tls_with_authenticated_nodes(deployment: LoopbackDep
         entries = entries_of(dep, hospital)
         assert len(entries) == 2 and all(e["epsilon"] > 0 for e in entries), entries
     assert (dep.app / "pyproject.toml").read_text() == pyproject, "flwr run changed the app's pyproject.toml"
+    # every ClientApp process ran the approved app's code, installed from its FAB, not the node's own fedpir
+    loaded = {Path(f.read_text()) for f in (dep.root / "loaded-from").iterdir()}
+    apps = dep.root / "flwr-home" / "apps"
+    assert loaded and all(f.is_relative_to(apps) and dep.fab_hash[:8] in str(f) for f in loaded), loaded
     # the hospital's own view of the same run (fedpir site status reads only local files)
     assert main(["site", "status", "--state", str(dep.root / "state" / HOSPITALS[0]), "--data", str(dep.data / "site-0"),
                  "--approved-apps", str(dep.root / "approved" / f"{HOSPITALS[0]}.txt"), "--json"]) == 0
