@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "train": "fedpir.client.train_cli",
     "pretrain-public": "fedpir.client.pretrain_public_cli",
     "simulate": "fedpir.simulation.simulate_cli",
+    "provision": "fedpir.deployment.provision_cli",
+    "site": "fedpir.deployment.site_cli",
 }
 
 

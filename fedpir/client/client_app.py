@@ -4,6 +4,7 @@ Node config (``flower-supernode --node-config``), deployment:
     data-dir     the site's folder or manifest (required)
     state-dir    where local layers and the privacy ledger live (default: under the run folder)
     site-name    name reported to the server (default: the data folder's name)
+    approved-apps  the hospital's allow-list of FAB hashes (fedpir.deployment.approval; deploy/README.md)
 Simulation (Flower's simulation engine sets ``partition-id``): the node serves ``site-<id>`` of the
 run's federation folder; without a configured ``federation-dir`` the simulation side
 (:func:`fedpir.simulation.prepare.synthetic_federation`) writes the synthetic federation of the
@@ -20,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedpir.client.site import Site, site_state_dir
+from fedpir.deployment.approval import require_guard_mod
 from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
 from fedpir.run_config import RunSettings
 
@@ -91,4 +93,4 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
     return app
 
 
-app = make_client_app()
+app = make_client_app(mods=[require_guard_mod])  # deployment: refuse if approved-apps is set but unguarded

@@ -1,0 +1,60 @@
+"""The command lines of a fedpir deployment, declared once.
+
+The loopback integration test (``tests/test_deploy_loopback.py``) starts exactly these commands, and
+a test checks that the compose file, the Kubernetes manifests and the systemd units in ``deploy/``
+use the same flags (with their own paths). Kit file names come from :mod:`fedpir.deployment.provision`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedpir.deployment.provision import CA_CERT, NODE_KEY, SERVER_CERT, SERVER_KEY
+
+#: TLS, SuperNode authentication, no runtime dependency installation (a hospital's environment is
+#: fixed and offline; an app cannot pull packages into it).
+SUPERLINK_SECURITY_FLAGS: tuple[str, ...] = ("--enable-supernode-auth", "--disable-runtime-dependency-installation")
+
+
+def superlink_command(kit: Path | str, *, host: str = "0.0.0.0", port: int = 8000, database: Path | str | None = None,
+                      isolation: str = "subprocess") -> list[str]:
+    """``flower-superlink`` with TLS from the server kit (one port for Fleet, Control and Runtime APIs)."""
+    kit = Path(kit)
+    cmd = ["flower-superlink",
+           "--ssl-ca-certfile", str(kit / CA_CERT), "--ssl-certfile", str(kit / SERVER_CERT),
+           "--ssl-keyfile", str(kit / SERVER_KEY),
+           *SUPERLINK_SECURITY_FLAGS, "--isolation", isolation, "--host", host, "--port", str(port)]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def node_config(data_dir: Path | str, state_dir: Path | str, site_name: str, approved_apps: Path | str | None = None) -> str:
+    """The ``--node-config`` string the fedpir ClientApp reads (and the approval guard)."""
+    items = [f"data-dir='{data_dir}'", f"state-dir='{state_dir}'", f"site-name='{site_name}'"]
+    if approved_apps is not None:
+        items.append(f"approved-apps='{approved_apps}'")
+    return " ".join(items)
+
+
+def supernode_command(superlink: str, kit: Path | str, data_dir: Path | str, state_dir: Path | str, site_name: str, *,
+                      approved_apps: Path | str | None = None, port: int = 9094, host: str = "127.0.0.1",
+                      max_retries: int | None = None, max_wait_time: float | None = None) -> list[str]:
+    """``flower-supernode`` of one hospital: verifies the SuperLink with the federation CA and
+    authenticates with the hospital's node key; ``port`` is its local Runtime API (one per node)."""
+    kit = Path(kit)
+    cmd = ["flower-supernode", "--superlink", superlink,
+           "--root-certificates", str(kit / CA_CERT), "--auth-supernode-private-key", str(kit / NODE_KEY),
+           "--node-config", node_config(data_dir, state_dir, site_name, approved_apps),
+           "--isolation", "subprocess", "--host", host, "--port", str(port)]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    if max_wait_time is not None:
+        cmd += ["--max-wait-time", str(max_wait_time)]
+    return cmd
+
+
+def flwr_config_toml(connection: str, address: str, ca_cert: Path | str) -> str:
+    """A ``$FLWR_HOME/config.toml`` whose connection ``connection`` reaches the SuperLink over TLS."""
+    return (f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\naddress = "{address}"\n'
+            f'root-certificates = "{ca_cert}"\n')

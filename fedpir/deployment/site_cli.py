@@ -1,0 +1,109 @@
+"""`fedpir site`: a hospital's own view and controls of its SuperNode.
+
+    fedpir site approve LIST (--app DIR | --fab FILE | --hash SHA256) [--note TEXT]
+    fedpir site withdraw LIST SHA256
+    fedpir site status --state DIR [--data DIR] [--approved-apps LIST] [--json]
+
+``approve`` adds a FAB hash to the allow-list the node config names (``approved-apps=LIST``; see
+fedpir.deployment.approval). ``status`` reads only local files: the privacy ledger of the state
+folder (rounds, epsilon spent of the budget), the data folder's validation, the approved hashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+from fedpir.deployment import approval
+
+HELP = "a hospital's controls: approve or withdraw an app's FAB hash, status of its node (ledger, data, approvals)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `fedpir site`."""
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ap = sub.add_parser("approve", help="approve an app (its FAB hash) for this node")
+    ap.add_argument("list", type=Path, metavar="LIST", help="the approved-apps file of the node config")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--app", type=Path, help="a Flower app folder: the hash `flwr run` of this folder sends")
+    which.add_argument("--fab", type=Path, help="a .fab file (from `flwr build`)")
+    which.add_argument("--hash", help="a FAB hash (SHA-256, 64 hex digits)")
+    ap.add_argument("--note", default="", help="a comment kept next to the hash (version, reviewer, date)")
+    wd = sub.add_parser("withdraw", help="withdraw an app's approval")
+    wd.add_argument("list", type=Path, metavar="LIST")
+    wd.add_argument("hash", metavar="SHA256")
+    st = sub.add_parser("status", help="ledger, data and approvals of this node (local files only)")
+    st.add_argument("--state", type=Path, required=True, help="the node's state-dir")
+    st.add_argument("--data", type=Path, help="the node's data-dir (validated)")
+    st.add_argument("--approved-apps", type=Path, help="the node's approved-apps file")
+    st.add_argument("--json", action="store_true", help="one JSON object")
+
+
+def ledger_summary(state_dir: Path) -> dict[str, Any]:
+    """Rounds and privacy spent, from the state folder's ``privacy_ledger.jsonl``."""
+    path = state_dir / "privacy_ledger.jsonl"
+    if not state_dir.is_dir():
+        raise OSError(f"state folder {state_dir} does not exist")
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    private = [e for e in entries if e.get("dp")]
+    last = entries[-1] if entries else {}
+    return {
+        "rounds": len(entries),
+        "private_rounds": len(private),
+        "last_round": {k: last.get(k) for k in ("objective", "epsilon", "n_patients", "completed")} | {
+            "time": dt.datetime.fromtimestamp(last["timestamp"], dt.UTC).isoformat(timespec="seconds")
+            if "timestamp" in last else None} if last else None,
+        "epsilon_spent": private[-1]["epsilon"] if private else 0.0,
+        "epsilon_budget": private[-1].get("epsilon_budget") if private else None,
+        "delta": private[-1].get("delta") if private else None,
+    }
+
+
+def status(state_dir: Path, data_dir: Path | None, approved_apps: Path | None) -> dict[str, Any]:
+    """Everything ``fedpir site status`` reports."""
+    report: dict[str, Any] = {"state_dir": str(state_dir), "ledger": ledger_summary(state_dir)}
+    if data_dir is not None:
+        from fedpir.data.validation import validate_site
+
+        val = validate_site(data_dir)
+        report["data"] = {"dir": str(data_dir), "usable_subjects": len(val.good), "bad_subjects": len(val.bad),
+                          "summary": val.summary()}
+    if approved_apps is not None:
+        report["approved_apps"] = sorted(approval.read_approved(approved_apps)) if approved_apps.exists() else []
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do the action; print the result."""
+    if args.action == "approve":
+        fab_hash = (approval.fab_hash_of_app(args.app) if args.app else
+                    approval.fab_hash_of_file(args.fab) if args.fab else args.hash)
+        added = approval.approve(args.list, fab_hash, note=args.note)
+        print(f"{'approved' if added else 'already approved'}: {fab_hash} ({args.list})")
+    elif args.action == "withdraw":
+        removed = approval.withdraw(args.list, args.hash)
+        print(f"{'withdrawn' if removed else 'was not approved'}: {args.hash} ({args.list})")
+    else:
+        report = status(args.state, args.data, args.approved_apps)
+        if args.json:
+            print(json.dumps(report, indent=1))
+            return 0
+        led = report["ledger"]
+        print(f"state folder: {report['state_dir']}")
+        print(f"  rounds trained: {led['rounds']} ({led['private_rounds']} under DP)")
+        if led["last_round"]:
+            lr = led["last_round"]
+            print(f"  last round: {lr['objective']} at {lr['time']}, {lr['n_patients']} patients")
+        budget = led["epsilon_budget"]
+        print(f"  privacy spent: epsilon {led['epsilon_spent']:.3f}"
+              + (f" of {budget:g} (delta {led['delta']:g}), {led['epsilon_spent'] / budget:.0%}" if budget else ""))
+        if "data" in report:
+            print(f"  data {report['data']['dir']}: {report['data']['summary']}")
+        if "approved_apps" in report:
+            print(f"  approved apps: {len(report['approved_apps'])}")
+            for h in report["approved_apps"]:
+                print(f"    {h}")
+    return 0
