@@ -21,7 +21,7 @@ HOSPITALS = ("st-anna", "city-general")
 RUN_CONFIG = {"num-sites": "2", "volume-size": "16", "subjects-per-site": "4", "pretrain-rounds": "1",
               "finetune-rounds": "1", "batch-size": "2", "min-sites": "2"}
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.deploy]
 
 
 @pytest.fixture(scope="module")
