@@ -103,36 +103,40 @@ def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], work
             losses = trainer.train_round("pretrain", epochs, progress=False)
             out["pretrain_seconds"] = time.perf_counter() - t0
             out["pretrain_loss_total"] = losses["loss_total"]
-        train_z, _ = embed_dataset(model, train_all)
-        test_z, _ = embed_dataset(model, test_all)
-        for text_name, encoder in encoders.items():
-            per_site = [site_alignment_statistics(model, s, encoder) for s in trains]
-            federated = sum(per_site, AlignmentStatistics.zeros(*per_site[0].dims))
-            pooled_z, pooled_t = zip(*[site_anchors(model, s, encoder)[:2] for s in trains], strict=True)
-            pooled = AlignmentStatistics.from_pairs(np.concatenate(pooled_z), np.concatenate(pooled_t))
-            maps, gap = {}, 0.0
-            for name in MAPS:
-                method = "identity" if name == "naive" else name
-                maps[name] = fit_alignment(federated, method, alpha=args.ridge_alpha)
-                reference = fit_alignment(pooled, method, alpha=args.ridge_alpha)
-                gap = max(gap, float(np.abs(maps[name].matrix - reference.matrix).max()))
-            metrics = compare(maps, class_embeddings(encoder, LESION_PROMPTS), train_z, train_y, test_z, test_y, seed=seed)
-            out["results"].append({"encoder": encoder_state, "text": text_name, "text_encoder": encoder.name,
-                                   "federated_vs_pooled_max_abs_diff": gap, "metrics": metrics})
+        for pooling in args.poolings.split(","):
+            train_z, _ = embed_dataset(model, train_all, pooling=pooling)
+            test_z, _ = embed_dataset(model, test_all, pooling=pooling)
+            for text_name, encoder in encoders.items():
+                per_site = [site_alignment_statistics(model, s, encoder, pooling=pooling) for s in trains]
+                federated = sum(per_site, AlignmentStatistics.zeros(*per_site[0].dims))
+                pooled_z, pooled_t = zip(*[site_anchors(model, s, encoder, pooling=pooling)[:2] for s in trains], strict=True)
+                pooled = AlignmentStatistics.from_pairs(np.concatenate(pooled_z), np.concatenate(pooled_t))
+                maps, gap = {}, 0.0
+                for name in MAPS:
+                    method = "identity" if name == "naive" else name
+                    maps[name] = fit_alignment(federated, method, alpha=args.ridge_alpha)
+                    reference = fit_alignment(pooled, method, alpha=args.ridge_alpha)
+                    gap = max(gap, float(np.abs(maps[name].matrix - reference.matrix).max()))
+                classes = class_embeddings(encoder, LESION_PROMPTS)
+                metrics = compare(maps, classes, train_z, train_y, test_z, test_y, seed=seed)
+                out["results"].append({"encoder": encoder_state, "pooling": pooling, "text": text_name,
+                                       "text_encoder": encoder.name, "federated_vs_pooled_max_abs_diff": gap,
+                                       "metrics": metrics})
     out["seconds"] = time.perf_counter() - start
     out["synth_seconds"] = synth_s
     return out
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over seeds of each metric, per (encoder state, text encoder, method), and the
+    """Mean and std over seeds of each metric, per (encoder state, pooling, text encoder, method), and the
     zero-shot / probe accuracy ratio."""
     rows = []
-    keys = sorted({(r["encoder"], r["text"]) for run in runs for r in run["results"]})
-    for encoder_state, text in keys:
-        per_seed = [r["metrics"] for run in runs for r in run["results"] if (r["encoder"], r["text"]) == (encoder_state, text)]
+    keys = sorted({(r["encoder"], r["pooling"], r["text"]) for run in runs for r in run["results"]})
+    for encoder_state, pooling, text in keys:
+        per_seed = [r["metrics"] for run in runs for r in run["results"]
+                    if (r["encoder"], r["pooling"], r["text"]) == (encoder_state, pooling, text)]
         for method in (*MAPS, "probe"):
-            row: dict[str, Any] = {"encoder": encoder_state, "text": text, "method": method}
+            row: dict[str, Any] = {"encoder": encoder_state, "pooling": pooling, "text": text, "method": method}
             for metric in METRICS:
                 values = [m[method][metric] for m in per_seed]
                 row[metric] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)), "per_seed": values}
@@ -144,28 +148,29 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    """Bars: mean accuracy and AUROC per method, one panel per (encoder state, text encoder); dots per seed."""
+    """Bars: mean balanced accuracy and AUROC per method, one panel per (pooling, text encoder) of the
+    pretrained image encoder; dots per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["encoder"], r["text"]) for r in summary}, key=lambda k: (k[0] != "pretrained", k[1]))
+    panels = sorted({(r["pooling"], r["text"]) for r in summary if r["encoder"] == "pretrained"})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
     methods = [*MAPS, "probe"]
-    for ax, (encoder_state, text) in zip(axes[0], panels, strict=True):
-        rows = {r["method"]: r for r in summary if (r["encoder"], r["text"]) == (encoder_state, text)}
+    for ax, (pooling, text) in zip(axes[0], panels, strict=True):
+        rows = {r["method"]: r for r in summary if (r["encoder"], r["pooling"], r["text"]) == ("pretrained", pooling, text)}
         x = np.arange(len(methods))
-        for offset, metric, color in ((-0.2, "accuracy", "tab:blue"), (0.2, "auroc", "tab:orange")):
+        for offset, metric, color in ((-0.2, "balanced_accuracy", "tab:blue"), (0.2, "auroc", "tab:orange")):
             means = [rows[m][metric]["mean"] for m in methods]
             ax.bar(x + offset, means, 0.38, color=color, label=metric)
             for i, m in enumerate(methods):
                 ax.plot([x[i] + offset] * len(rows[m][metric]["per_seed"]), rows[m][metric]["per_seed"], "k.", ms=3)
         ax.axhline(0.5, color="grey", lw=0.6, ls="--")
         ax.set_xticks(x, methods, rotation=30)
-        ax.set_title(f"{encoder_state} image encoder\ntext: {text}", fontsize=9)
+        ax.set_title(f"X_h pooling: {pooling}\ntext: {text}", fontsize=9)
         ax.set_ylim(0, 1.05)
-    axes[0][0].set_ylabel("held-out patients")
+    axes[0][0].set_ylabel("held-out patients (pretrained encoder)")
     axes[0][0].legend(fontsize=8, loc="lower left")
     fig.suptitle("Lesion present/absent: zero-shot through T vs naive stitching vs linear probe", fontsize=10)
     fig.tight_layout()
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--poolings", default="mean,max", help="comma list of X_h poolings (fedpir.models.anchors.POOLINGS)")
     parser.add_argument("--ridge-alpha", type=float, default=1.0, help="ridge strength per anchor")
     parser.add_argument("--text", choices=("all", "minilm", "hashed"), default="all",
                         help="text encoders: all available (MiniLM if installed, and the hashed fallback), or one")
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(text)
     for row in summary:
-        print(f"{row['encoder']:>10} {row['text']:>7} {row['method']:>10}  acc {row['accuracy']['mean']:.3f}"
+        print(f"{row['encoder']:>10} {row['pooling']:>7} {row['text']:>7} {row['method']:>10}  acc {row['accuracy']['mean']:.3f}"
               f"±{row['accuracy']['std']:.3f}  bal {row['balanced_accuracy']['mean']:.3f}  auroc {row['auroc']['mean']:.3f}"
               f"±{row['auroc']['std']:.3f}", file=sys.stderr)
     return 0

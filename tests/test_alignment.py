@@ -26,16 +26,19 @@ def _sites(rng: np.random.Generator, sizes: list[int], dx: int, dy: int) -> list
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_federated_statistics_equal_pooled_fit(method: str) -> None:
+@pytest.mark.parametrize(("sizes", "dx", "dy"), [([7, 12, 3, 20], 6, 9), ([2, 3, 1], 12, 8)], ids=["many", "few-anchors"])
+def test_federated_statistics_equal_pooled_fit(method: str, sizes: list[int], dx: int, dy: int) -> None:
+    """Also with fewer anchors than dimensions, where Procrustes and least squares are not unique
+    unless the solver picks a canonical solution."""
     rng = np.random.default_rng(0)
-    sites = _sites(rng, [7, 12, 3, 20], dx=6, dy=9)
-    federated = sum((AlignmentStatistics.from_pairs(x, y) for x, y in sites), AlignmentStatistics.zeros(6, 9))
+    sites = _sites(rng, sizes, dx=dx, dy=dy)
+    federated = sum((AlignmentStatistics.from_pairs(x, y) for x, y in sites), AlignmentStatistics.zeros(dx, dy))
     pooled_x, pooled_y = np.concatenate([x for x, _ in sites]), np.concatenate([y for _, y in sites])
     fed, pooled = fit_alignment(federated, method), fit_pairs(pooled_x, pooled_y, method)
-    assert federated.n == 42
+    assert federated.n == sum(sizes)
     for key in ("x_mean", "x_std", "y_mean", "y_std", "matrix"):
         np.testing.assert_allclose(getattr(fed, key), getattr(pooled, key), rtol=1e-8, atol=1e-9)
-    probe = rng.normal(size=(5, 6))
+    probe = rng.normal(size=(5, dx))
     np.testing.assert_allclose(fed(probe), pooled(probe), rtol=1e-8, atol=1e-8)
 
 

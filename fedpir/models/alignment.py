@@ -7,7 +7,8 @@ is one of
 
 - ``procrustes``: orthogonal Procrustes, R = U V^T from the SVD of Xs^T Ys (semi-orthogonal when
   the dimensions differ, which equals zero-padding the smaller space), with an optional isotropic
-  scale;
+  scale; with fewer anchors than dimensions, only the singular directions that the anchors
+  determine are kept;
 - ``lstsq``: least squares, W = (Xs^T Xs)^+ Xs^T Ys (the minimum-norm solution when anchors are
   fewer than dimensions);
 - ``ridge``: ridge regression, W = (Xs^T Xs + alpha n I)^-1 Xs^T Ys;
@@ -210,7 +211,10 @@ def fit_alignment(stats: AlignmentStatistics, method: str = "procrustes", *, alp
 
     ``method``: one of :data:`METHODS`. ``alpha``: ridge strength per anchor (``ridge``).
     ``scale``: fit the least-squares isotropic scale of the Procrustes rotation (``procrustes``).
-    ``rcond``: relative cut-off of small singular values in the pseudo-inverse (``lstsq``).
+    ``rcond``: relative cut-off of small singular values: of Xs^T Xs in the pseudo-inverse
+    (``lstsq``), and of Xs^T Ys (``procrustes``), whose singular directions without anchor evidence
+    (fewer anchors than dimensions) are arbitrary; the map is zero on them, which makes the
+    solution unique, so that summed and pooled statistics give the same map.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -220,7 +224,8 @@ def fit_alignment(stats: AlignmentStatistics, method: str = "procrustes", *, alp
     s = 1.0
     if method == "procrustes":
         u, sv, vt = np.linalg.svd(cxy, full_matrices=False)
-        matrix = u @ vt
+        keep = sv > rcond * max(float(sv.max(initial=0.0)), 1e-300)
+        matrix = u[:, keep] @ vt[keep]
         if scale:
             s = float(sv.sum() / max(np.trace(cxx), 1e-300))
     elif method == "lstsq":
