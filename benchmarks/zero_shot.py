@@ -1,6 +1,7 @@
-"""Zero-shot lesion classification through a federated latent alignment, on the synthetic federation.
+"""Zero-shot classification through a federated latent alignment, on the synthetic federation.
 
-Per seed: write a synthetic federation (``--sites`` x ``--subjects``, ``--size``^3 voxels);
+Per seed: write a synthetic federation (``--sites`` x ``--subjects``, ``--size``^3 voxels) whose
+reports state the lesion finding and the brain volume (``report_brain_volume=True``);
 ``--held-out`` subjects of each site, drawn at random with the site's share of lesion-bearing
 patients (stratified), are the test patients, the rest the training patients.
 A PIRNet is pretrained (self-supervised, no labels, no DP) on the training patients pooled for
@@ -8,7 +9,8 @@ A PIRNet is pretrained (self-supervised, no labels, no DP) on the training patie
 training patient's pooled X_h paired with the text embedding of its report;
 ``fedpir.models.anchors.site_alignment_statistics``); their sum gives T in closed form
 (``fedpir.models.alignment``), checked against the fit on the pooled anchors. On the test
-patients, lesion present/absent is predicted
+patients, two binary tasks (``TASKS``) are predicted: ``lesion`` (present/absent; a small focal
+finding) and ``volume`` (brain volume reduced/normal; a global one), each
 
 - zero-shot: argmax over class prompts of cos(T(z), t_c) (``fedpir.models.zeroshot``), for the
   Procrustes, least-squares and ridge maps;
@@ -46,17 +48,23 @@ from fedpir.models.alignment import AlignmentStatistics, fit_alignment
 from fedpir.models.anchors import embed_dataset, site_alignment_statistics, site_anchors
 from fedpir.models.pir import PIRConfig, PIRNet
 from fedpir.models.text import load_text_encoder, minilm_available
-from fedpir.models.zeroshot import LESION_PROMPTS, class_embeddings, compare
+from fedpir.models.zeroshot import LESION_PROMPTS, VOLUME_PROMPTS, class_embeddings, compare
 from fedpir.privacy.dp import DPConfig
 from fedpir.synthetic.federation import generate_federation
+from fedpir.synthetic.report_text import reported_volume_reduced
 
 MAPS = ("procrustes", "lstsq", "ridge", "naive")
+#: Zero-shot tasks: class prompts, and the ground truth of a subject record (generator's truth).
+TASKS: dict[str, tuple[dict[str, tuple[str, ...]], Any]] = {
+    "lesion": (LESION_PROMPTS, lambda rec: int(rec.label)),
+    "volume": (VOLUME_PROMPTS, lambda rec: int(bool(reported_volume_reduced(rec.report or "")))),
+}
 METRICS = ("accuracy", "balanced_accuracy", "auroc")
 
 
-def _labels(subset: Subset) -> np.ndarray:
+def _labels(subset: Subset, task: str) -> np.ndarray:
     records = subset.dataset.records  # type: ignore[attr-defined]
-    return np.array([records[i].label for i in subset.indices], dtype=int)
+    return np.array([TASKS[task][1](records[i]) for i in subset.indices], dtype=int)
 
 
 def split_site(labels: list[int | None], held_out: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
@@ -77,7 +85,7 @@ def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], work
     """Everything of one seed: federation, pretraining, federated alignment, evaluation."""
     start = time.perf_counter()
     fed = generate_federation(workdir / f"fed-{seed}", n_sites=args.sites, subjects_per_site=args.subjects,
-                              shape=(args.size,) * 3, seed=seed)
+                              shape=(args.size,) * 3, seed=seed, report_brain_volume=True)
     vocab = json.loads((fed / "federation.json").read_text())["modalities"]
     trains, tests = [], []
     for k, site_dir in enumerate(sorted(p for p in fed.iterdir() if p.is_dir())):
@@ -86,14 +94,15 @@ def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], work
         trains.append(Subset(ds, train_idx))
         tests.append(Subset(ds, test_idx))
     test_all, train_all = ConcatDataset(tests), ConcatDataset(trains)
-    train_y = np.concatenate([_labels(s) for s in trains])
-    test_y = np.concatenate([_labels(s) for s in tests])
+    train_y = {t: np.concatenate([_labels(s, t) for s in trains]) for t in TASKS}
+    test_y = {t: np.concatenate([_labels(s, t) for s in tests]) for t in TASKS}
     synth_s = time.perf_counter() - start
 
     torch.manual_seed(seed)
     model = PIRNet(PIRConfig(vocab, spatial_size=(args.size,) * 3))
-    out: dict[str, Any] = {"seed": seed, "n_train": len(train_y), "n_test": len(test_y),
-                           "test_positive": int(test_y.sum()), "train_positive": int(train_y.sum()), "results": []}
+    out: dict[str, Any] = {"seed": seed, "n_train": len(train_y["lesion"]), "n_test": len(test_y["lesion"]),
+                           "test_positive": {t: int(y.sum()) for t, y in test_y.items()},
+                           "train_positive": {t: int(y.sum()) for t, y in train_y.items()}, "results": []}
     stages = [("random", 0), ("pretrained", args.pretrain_epochs)]
     for encoder_state, epochs in stages:
         if epochs:
@@ -117,26 +126,27 @@ def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], work
                     maps[name] = fit_alignment(federated, method, alpha=args.ridge_alpha)
                     reference = fit_alignment(pooled, method, alpha=args.ridge_alpha)
                     gap = max(gap, float(np.abs(maps[name].matrix - reference.matrix).max()))
-                classes = class_embeddings(encoder, LESION_PROMPTS)
-                metrics = compare(maps, classes, train_z, train_y, test_z, test_y, seed=seed)
-                out["results"].append({"encoder": encoder_state, "pooling": pooling, "text": text_name,
-                                       "text_encoder": encoder.name, "federated_vs_pooled_max_abs_diff": gap,
-                                       "metrics": metrics})
+                for task, (prompts, _) in TASKS.items():
+                    classes = class_embeddings(encoder, prompts)
+                    metrics = compare(maps, classes, train_z, train_y[task], test_z, test_y[task], seed=seed)
+                    out["results"].append({"task": task, "encoder": encoder_state, "pooling": pooling, "text": text_name,
+                                           "text_encoder": encoder.name, "federated_vs_pooled_max_abs_diff": gap,
+                                           "metrics": metrics})
     out["seconds"] = time.perf_counter() - start
     out["synth_seconds"] = synth_s
     return out
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over seeds of each metric, per (encoder state, pooling, text encoder, method), and the
+    """Mean and std over seeds of each metric, per (task, encoder state, pooling, text encoder, method), and the
     zero-shot / probe accuracy ratio."""
     rows = []
-    keys = sorted({(r["encoder"], r["pooling"], r["text"]) for run in runs for r in run["results"]})
-    for encoder_state, pooling, text in keys:
+    keys = sorted({(r["task"], r["encoder"], r["pooling"], r["text"]) for run in runs for r in run["results"]})
+    for key in keys:
         per_seed = [r["metrics"] for run in runs for r in run["results"]
-                    if (r["encoder"], r["pooling"], r["text"]) == (encoder_state, pooling, text)]
+                    if (r["task"], r["encoder"], r["pooling"], r["text"]) == key]
         for method in (*MAPS, "probe"):
-            row: dict[str, Any] = {"encoder": encoder_state, "pooling": pooling, "text": text, "method": method}
+            row: dict[str, Any] = dict(zip(("task", "encoder", "pooling", "text"), key, strict=True)) | {"method": method}
             for metric in METRICS:
                 values = [m[method][metric] for m in per_seed]
                 row[metric] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)), "per_seed": values}
@@ -148,33 +158,37 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    """Bars: mean balanced accuracy and AUROC per method, one panel per (pooling, text encoder) of the
-    pretrained image encoder; dots per seed."""
+    """Bars: mean balanced accuracy and AUROC per method of the pretrained image encoder, one row per
+    task and one panel per (pooling, text encoder); dots per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    tasks = sorted({r["task"] for r in summary})
     panels = sorted({(r["pooling"], r["text"]) for r in summary if r["encoder"] == "pretrained"})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(3.6 * len(panels), 3.4 * len(tasks)), squeeze=False,
+                             sharey=True)
     methods = [*MAPS, "probe"]
-    for ax, (pooling, text) in zip(axes[0], panels, strict=True):
-        rows = {r["method"]: r for r in summary if (r["encoder"], r["pooling"], r["text"]) == ("pretrained", pooling, text)}
-        x = np.arange(len(methods))
-        for offset, metric, color in ((-0.2, "balanced_accuracy", "tab:blue"), (0.2, "auroc", "tab:orange")):
-            means = [rows[m][metric]["mean"] for m in methods]
-            ax.bar(x + offset, means, 0.38, color=color, label=metric)
-            for i, m in enumerate(methods):
-                ax.plot([x[i] + offset] * len(rows[m][metric]["per_seed"]), rows[m][metric]["per_seed"], "k.", ms=3)
-        ax.axhline(0.5, color="grey", lw=0.6, ls="--")
-        ax.set_xticks(x, methods, rotation=30)
-        ax.set_title(f"X_h pooling: {pooling}\ntext: {text}", fontsize=9)
-        ax.set_ylim(0, 1.05)
-    axes[0][0].set_ylabel("held-out patients (pretrained encoder)")
+    for i, task in enumerate(tasks):
+        for ax, (pooling, text) in zip(axes[i], panels, strict=True):
+            rows = {r["method"]: r for r in summary
+                    if (r["task"], r["encoder"], r["pooling"], r["text"]) == (task, "pretrained", pooling, text)}
+            x = np.arange(len(methods))
+            for offset, metric, color in ((-0.2, "balanced_accuracy", "tab:blue"), (0.2, "auroc", "tab:orange")):
+                ax.bar(x + offset, [rows[m][metric]["mean"] for m in methods], 0.38, color=color, label=metric)
+                for j, m in enumerate(methods):
+                    ax.plot([x[j] + offset] * len(rows[m][metric]["per_seed"]), rows[m][metric]["per_seed"], "k.", ms=3)
+            ax.axhline(0.5, color="grey", lw=0.6, ls="--")
+            ax.set_xticks(x, methods, rotation=30)
+            ax.set_title(f"{task}: X_h {pooling} pooling, text {text}", fontsize=9)
+            ax.set_ylim(0, 1.05)
+        axes[i][0].set_ylabel(f"{task} (held-out patients)")
     axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("Lesion present/absent: zero-shot through T vs naive stitching vs linear probe", fontsize=10)
+    fig.suptitle("Zero-shot through the federated map T vs naive stitching vs linear probe (pretrained PIR encoder)",
+                 fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs)
     doc = {"command": "python benchmarks/zero_shot.py " + shlex.join(sys.argv[1:] if argv is None else argv),
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "prompts": {k: list(v) for k, v in LESION_PROMPTS.items()},
+           "prompts": {t: {k: list(v) for k, v in prompts.items()} for t, (prompts, _) in TASKS.items()},
            "text_encoders": {k: e.name for k, e in encoders.items()},
            "torch": torch.__version__, "summary": summary, "runs": runs}
     text = json.dumps(doc, indent=1)
@@ -221,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(text)
     for row in summary:
-        print(f"{row['encoder']:>10} {row['pooling']:>7} {row['text']:>7} {row['method']:>10}  acc {row['accuracy']['mean']:.3f}"
+        label = f"{row['task']:>6} {row['encoder']:>10} {row['pooling']:>7} {row['text']:>7} {row['method']:>10}"
+        print(f"{label}  acc {row['accuracy']['mean']:.3f}"
               f"±{row['accuracy']['std']:.3f}  bal {row['balanced_accuracy']['mean']:.3f}  auroc {row['auroc']['mean']:.3f}"
               f"±{row['auroc']['std']:.3f}", file=sys.stderr)
     return 0

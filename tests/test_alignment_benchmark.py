@@ -45,6 +45,7 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert run["n_train"] == 8 and run["n_test"] == 4
     assert {(r["encoder"], r["pooling"]) for r in run["results"]} == {
         (e, p) for e in ("random", "pretrained") for p in ("mean", "max")}
+    assert {r["task"] for r in run["results"]} == {"lesion", "volume"}
     for result in run["results"]:
         assert result["federated_vs_pooled_max_abs_diff"] < 1e-8
         assert set(result["metrics"]) == {"procrustes", "lstsq", "ridge", "naive", "probe"}

@@ -24,11 +24,15 @@ import numpy as np
 from fedpir.models.alignment import AlignmentMap
 from fedpir.models.text import TextEncoder
 
-#: Class prompts of the lesion task, negative class first (several wordings each, averaged).
+#: Class prompts, negative class first (several wordings each, averaged). Written as generic class
+#: descriptions, none a copy of a synthetic report template (a test checks).
 LESION_PROMPTS: dict[str, tuple[str, ...]] = {
-    "no lesion": ("No focal lesion.", "Normal white matter, no abnormality.", "No abnormality detected."),
-    "lesion": ("Hyperintense white matter lesion.", "Focal white matter lesion, hyperintense on T2/FLAIR.",
-               "A lesion in the white matter."),
+    "no lesion": ("No lesion.", "Normal study without lesions.", "The white matter is normal."),
+    "lesion": ("White matter lesion.", "A hyperintense lesion.", "There is a focal lesion in the brain."),
+}
+VOLUME_PROMPTS: dict[str, tuple[str, ...]] = {
+    "normal volume": ("Normal brain volume.", "The brain is of normal size.", "No brain atrophy."),
+    "reduced volume": ("Reduced brain volume.", "The brain is atrophic.", "Brain atrophy with volume loss."),
 }
 
 
