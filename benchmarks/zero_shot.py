@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=24, help="subjects per site")
     parser.add_argument("--held-out", type=int, default=6, help="test subjects per site (the last ones)")
     parser.add_argument("--size", type=int, default=24, help="volume edge in voxels")
-    parser.add_argument("--pretrain-epochs", type=int, default=8)
+    parser.add_argument("--pretrain-epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--poolings", default="mean,max", help="comma list of X_h poolings (fedpir.models.anchors.POOLINGS)")
