@@ -149,7 +149,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row: dict[str, Any] = dict(zip(("task", "encoder", "pooling", "text"), key, strict=True)) | {"method": method}
             for metric in METRICS:
                 values = [m[method][metric] for m in per_seed]
-                row[metric] = {"mean": float(np.nanmean(values)), "std": float(np.nanstd(values)), "per_seed": values}
+                finite = [v for v in values if np.isfinite(v)]  # AUROC is NaN when a test set holds one class
+                row[metric] = {"mean": float(np.mean(finite)) if finite else float("nan"),
+                               "std": float(np.std(finite)) if finite else float("nan"), "per_seed": values}
             if method != "probe":
                 ratios = [m[method]["accuracy"] / m["probe"]["accuracy"] for m in per_seed]
                 row["accuracy_over_probe"] = {"mean": float(np.mean(ratios)), "per_seed": ratios}

@@ -146,3 +146,24 @@ def test_errors_are_clear() -> None:
         AlignmentStatistics.from_arrays({k: v for k, v in AlignmentStatistics.from_pairs(x, y).to_arrays().items() if k != "xty"})
     with pytest.raises(ValueError, match="inconsistent"):
         AlignmentStatistics(3, np.zeros(3), np.zeros(4), np.zeros(4), np.zeros((3, 3)), np.zeros((4, 3)))
+
+
+def test_flower_records_carry_the_statistics_and_the_server_sum_equals_the_pooled_fit() -> None:
+    from fedpir.strategies.alignment import aggregate_statistics, statistics_from_record, statistics_record
+
+    rng = np.random.default_rng(10)
+    sites = _sites(rng, [8, 6, 11], dx=5, dy=7)
+    replies = [statistics_record(AlignmentStatistics.from_pairs(x, y)) for x, y in sites]
+    assert all(k.startswith("alignment/") for k in replies[0])
+    broken = statistics_record(AlignmentStatistics.from_pairs(*sites[0]))
+    broken["alignment/xty"] = broken["alignment/xty"].__class__(np.full((5, 7), np.nan))
+    other_dims = statistics_record(AlignmentStatistics.from_pairs(sites[0][0][:, :3], sites[0][1]))
+    total, rejected = aggregate_statistics([*replies, broken, other_dims], min_sites=3)
+    assert len(rejected) == 2 and "NaN" in rejected[0] and "dimensions" in rejected[1]
+    pooled = fit_pairs(np.concatenate([x for x, _ in sites]), np.concatenate([y for _, y in sites]), "ridge")
+    np.testing.assert_allclose(fit_alignment(total, "ridge").matrix, pooled.matrix, atol=1e-10)
+    assert statistics_from_record(replies[1]).n == 6
+    with pytest.raises(ValueError, match="at least 5"):
+        statistics_record(AlignmentStatistics.from_pairs(sites[0][0][:3], sites[0][1][:3]))
+    with pytest.raises(ValueError, match="need 4"):
+        aggregate_statistics(replies, min_sites=4)
