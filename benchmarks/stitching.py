@@ -16,6 +16,8 @@ Also the mismatch ||T(z_local) - z_global|| / ||z_global - mean|| on the held-ou
 T = identity). Metrics are pooled over the sites' held-out patients of a seed.
 
     python benchmarks/stitching.py --seeds 0,1,2 --out docs/results/stitching.json
+
+(20 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
 """
 
 from __future__ import annotations
