@@ -69,8 +69,14 @@ def _check_args(n_sites: int, subjects_per_site: int, seed: int, out_dir: Path) 
         raise FileExistsError(f"{out_dir} exists and is not an empty folder; choose a new output folder")
 
 
+def _parenchyma(fractions: np.ndarray) -> float:
+    """Sum over voxels of the non-CSF tissue fractions (GM, WM and lesion, when present)."""
+    return float(fractions[1:].sum())
+
+
 def _write_subject(
-    scanner: Scanner, body: Anatomy, grid: Grid, with_lesion: bool, keys: tuple[int, int, int], sub_dir: Path
+    scanner: Scanner, body: Anatomy, grid: Grid, with_lesion: bool, keys: tuple[int, int, int], sub_dir: Path,
+    template_parenchyma: float | None = None,
 ) -> SubjectRecord:
     """Simulate and write one subject; ``keys`` = (seed, site, global subject index) seed its streams."""
     rng = np.random.default_rng(keys)
@@ -87,7 +93,8 @@ def _write_subject(
         mask=save_nifti(mask, grid.affine, sub_dir / "lesion.nii.gz"),
         tissue=save_nifti(phantom.tissue_labels(), grid.affine, sub_dir / "tissue.nii.gz"),
         label=int(mask.any()),
-        report=describe(mask, grid, rng),
+        report=describe(mask, grid, rng, volume_ratio=None if template_parenchyma is None
+                        else _parenchyma(phantom.fractions) / template_parenchyma),
     )
 
 
@@ -142,6 +149,7 @@ def generate_federation(
     modality_subsets: list[list[str]] | None = None,
     eval_subjects: int = 0,
     progress: bool = False,
+    report_brain_volume: bool = False,
 ) -> Path:
     """Simulate ``n_sites`` hospitals of ``subjects_per_site`` patients each and write them under ``out_dir``.
 
@@ -152,7 +160,9 @@ def generate_federation(
 
     ``anatomy``: "icbm" (nilearn's ICBM152 2009a maps), "procedural" (ellipsoids) or "auto" (ICBM when
     available). ``modality_subsets``: one modality list per site (default: DEFAULT_SUBSETS cycled);
-    give every site all of MODALITIES for the homogeneous setting. Returns ``out_dir``.
+    give every site all of MODALITIES for the homogeneous setting. ``report_brain_volume``: reports
+    also state whether the brain volume is reduced (``fedpir.synthetic.report_text``; off by
+    default, which keeps the reports of earlier versions). Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     _check_args(n_sites, subjects_per_site, seed, out_dir)
@@ -161,6 +171,7 @@ def generate_federation(
         modality_subsets = [list(DEFAULT_SUBSETS[s % len(DEFAULT_SUBSETS)]) for s in range(n_sites)]
     scanners = make_scanners(n_sites, check_subsets(modality_subsets, n_sites), seed)
     body = make_anatomy(anatomy, grid)
+    template_parenchyma = _parenchyma(body.fractions(grid.world_coordinates())) if report_brain_volume else None
     out_dir.mkdir(parents=True, exist_ok=True)
 
     bar = tqdm(total=n_sites * subjects_per_site, desc="synth", unit="subject", disable=not progress)
@@ -170,7 +181,7 @@ def generate_federation(
         for j, lesion in enumerate(_lesion_flags(seed, s, subjects_per_site)):
             index = s * subjects_per_site + j
             sub_dir = site_dir / f"sub-{index:03d}"
-            records.append(_write_subject(scanner, body, grid, bool(lesion), (seed, s, index), sub_dir))
+            records.append(_write_subject(scanner, body, grid, bool(lesion), (seed, s, index), sub_dir, template_parenchyma))
             bar.update()
         write_manifest(SiteManifest(site=scanner.name, subjects=records), site_dir / "manifest.json")
         if eval_subjects:

@@ -1,0 +1,252 @@
+"""Zero-shot classification through a federated latent alignment, on the synthetic federation.
+
+Per seed: write a synthetic federation (``--sites`` x ``--subjects``, ``--size``^3 voxels) whose
+reports state the lesion finding and the brain volume (``report_brain_volume=True``);
+``--held-out`` subjects of each site, drawn at random with the site's share of lesion-bearing
+patients (stratified), are the test patients, the rest the training patients.
+A PIRNet is pretrained (self-supervised, no labels, no DP) on the training patients pooled for
+``--pretrain-epochs``. Each site then computes the sufficient statistics of its anchors (each
+training patient's pooled X_h paired with the text embedding of its report;
+``fedpir.models.anchors.site_alignment_statistics``); their sum gives T in closed form
+(``fedpir.models.alignment``), checked against the fit on the pooled anchors. On the test
+patients, two binary tasks (``TASKS``) are predicted: ``lesion`` (present/absent; a small focal
+finding) and ``volume`` (brain volume reduced/normal; a global one), each
+
+- zero-shot: argmax over class prompts of cos(T(z), t_c) (``fedpir.models.zeroshot``), for the
+  Procrustes, least-squares and ridge maps;
+- naive: the same with the identity map (standardized image and text coordinates paired up as
+  they are, no alignment);
+- probe: a supervised logistic regression on the same embeddings with the training labels.
+
+Every text encoder available is run on the same embeddings: all-MiniLM-L6-v2 when the extra
+``fedpir[text]`` is installed, and always the hashed n-gram fallback. The image encoder is also
+measured at its random initialisation (``encoder: "random"``), before pretraining.
+
+Writes JSON (with the command) and a PNG beside it. The setting of docs/results/zero_shot.json:
+
+    python benchmarks/zero_shot.py --seeds 0,1,2 --out docs/results/zero_shot.json
+
+(6.5 to 9.5 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Subset
+
+from fedpir.client.trainer import LocalTrainer
+from fedpir.data.dataset import load_site
+from fedpir.models.alignment import AlignmentStatistics, fit_alignment
+from fedpir.models.anchors import embed_dataset, site_alignment_statistics, site_anchors
+from fedpir.models.pir import PIRConfig, PIRNet
+from fedpir.models.text import load_text_encoder, minilm_available
+from fedpir.models.zeroshot import LESION_PROMPTS, VOLUME_PROMPTS, class_embeddings, compare
+from fedpir.privacy.dp import DPConfig
+from fedpir.synthetic.federation import generate_federation
+from fedpir.synthetic.report_text import reported_volume_reduced
+
+MAPS = ("procrustes", "lstsq", "ridge", "naive")
+#: Zero-shot tasks: class prompts, and the ground truth of a subject record (generator's truth).
+TASKS: dict[str, tuple[dict[str, tuple[str, ...]], Any]] = {
+    "lesion": (LESION_PROMPTS, lambda rec: int(rec.label)),
+    "volume": (VOLUME_PROMPTS, lambda rec: int(bool(reported_volume_reduced(rec.report or "")))),
+}
+METRICS = ("accuracy", "balanced_accuracy", "auroc")
+
+
+def task_labels(subset: Subset, task: str) -> np.ndarray:
+    """Ground truth of ``task`` for the subjects of a Subset of a SiteDataset."""
+    records = subset.dataset.records  # type: ignore[attr-defined]
+    return np.array([TASKS[task][1](records[i]) for i in subset.indices], dtype=int)
+
+
+def split_site(labels: list[int | None], held_out: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Stratified random split of a site: ``held_out`` test subjects with the site's share of each label."""
+    by_label: dict[int | None, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    groups = [idx for _, idx in sorted(by_label.items(), key=lambda kv: str(kv[0]))]
+    test: list[int] = []
+    for j, idx in enumerate(groups):
+        take = held_out - len(test) if j == len(groups) - 1 else round(held_out * len(idx) / len(labels))
+        test.extend(rng.choice(idx, size=min(max(take, 0), len(idx)), replace=False).tolist())
+    test = sorted(test)
+    return [i for i in range(len(labels)) if i not in set(test)], test
+
+
+def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Everything of one seed: federation, pretraining, federated alignment, evaluation."""
+    start = time.perf_counter()
+    fed = generate_federation(workdir / f"fed-{seed}", n_sites=args.sites, subjects_per_site=args.subjects,
+                              shape=(args.size,) * 3, seed=seed, report_brain_volume=True)
+    vocab = json.loads((fed / "federation.json").read_text())["modalities"]
+    trains, tests = [], []
+    for k, site_dir in enumerate(sorted(p for p in fed.iterdir() if p.is_dir())):
+        ds, _ = load_site(site_dir, vocab, (args.size,) * 3)
+        train_idx, test_idx = split_site([r.label for r in ds.records], args.held_out, np.random.default_rng([seed, k, 7]))
+        trains.append(Subset(ds, train_idx))
+        tests.append(Subset(ds, test_idx))
+    test_all, train_all = ConcatDataset(tests), ConcatDataset(trains)
+    train_y = {t: np.concatenate([task_labels(s, t) for s in trains]) for t in TASKS}
+    test_y = {t: np.concatenate([task_labels(s, t) for s in tests]) for t in TASKS}
+    synth_s = time.perf_counter() - start
+
+    torch.manual_seed(seed)
+    model = PIRNet(PIRConfig(vocab, spatial_size=(args.size,) * 3))
+    out: dict[str, Any] = {"seed": seed, "n_train": len(train_y["lesion"]), "n_test": len(test_y["lesion"]),
+                           "test_positive": {t: int(y.sum()) for t, y in test_y.items()},
+                           "train_positive": {t: int(y.sum()) for t, y in train_y.items()}, "results": []}
+    stages = [("random", 0), ("pretrained", args.pretrain_epochs)]
+    for encoder_state, epochs in stages:
+        if epochs:
+            t0 = time.perf_counter()
+            trainer = LocalTrainer(model, train_all, dp=DPConfig(enabled=False), batch_size=args.batch_size,
+                                   lr=args.lr, seed=seed)
+            losses = trainer.train_round("pretrain", epochs, progress=False)
+            out["pretrain_seconds"] = time.perf_counter() - t0
+            out["pretrain_loss_total"] = losses["loss_total"]
+        for pooling in args.poolings.split(","):
+            train_z, _ = embed_dataset(model, train_all, pooling=pooling)
+            test_z, _ = embed_dataset(model, test_all, pooling=pooling)
+            for text_name, encoder in encoders.items():
+                per_site = [site_alignment_statistics(model, s, encoder, pooling=pooling) for s in trains]
+                federated = sum(per_site, AlignmentStatistics.zeros(*per_site[0].dims))
+                pooled_z, pooled_t = zip(*[site_anchors(model, s, encoder, pooling=pooling)[:2] for s in trains], strict=True)
+                pooled = AlignmentStatistics.from_pairs(np.concatenate(pooled_z), np.concatenate(pooled_t))
+                maps, gap = {}, {}
+                for name in MAPS:
+                    method = "identity" if name == "naive" else name
+                    maps[name] = fit_alignment(federated, method, alpha=args.ridge_alpha)
+                    reference = fit_alignment(pooled, method, alpha=args.ridge_alpha)
+                    # largest difference between the federated and pooled maps, relative to the largest entry
+                    gap[name] = float(np.abs(maps[name].matrix - reference.matrix).max() / np.abs(reference.matrix).max())
+                for task, (prompts, _) in TASKS.items():
+                    classes = class_embeddings(encoder, prompts)
+                    metrics = compare(maps, classes, train_z, train_y[task], test_z, test_y[task], seed=seed)
+                    out["results"].append({"task": task, "encoder": encoder_state, "pooling": pooling, "text": text_name,
+                                           "text_encoder": encoder.name, "federated_vs_pooled_max_rel_diff": gap,
+                                           "metrics": metrics})
+    out["seconds"] = time.perf_counter() - start
+    out["synth_seconds"] = synth_s
+    return out
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of each metric, per (task, encoder state, pooling, text encoder, method), and the
+    zero-shot / probe accuracy ratio."""
+    rows = []
+    keys = sorted({(r["task"], r["encoder"], r["pooling"], r["text"]) for run in runs for r in run["results"]})
+    for key in keys:
+        per_seed = [r["metrics"] for run in runs for r in run["results"]
+                    if (r["task"], r["encoder"], r["pooling"], r["text"]) == key]
+        for method in (*MAPS, "probe"):
+            row: dict[str, Any] = dict(zip(("task", "encoder", "pooling", "text"), key, strict=True)) | {"method": method}
+            for metric in METRICS:
+                values = [m[method][metric] for m in per_seed]
+                finite = [v for v in values if np.isfinite(v)]  # AUROC is NaN when a test set holds one class
+                row[metric] = {"mean": float(np.mean(finite)) if finite else float("nan"),
+                               "std": float(np.std(finite)) if finite else float("nan"), "per_seed": values}
+            if method != "probe":
+                ratios = [m[method]["accuracy"] / m["probe"]["accuracy"] for m in per_seed]
+                row["accuracy_over_probe"] = {"mean": float(np.mean(ratios)), "per_seed": ratios}
+            rows.append(row)
+    return rows
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    """Bars: mean balanced accuracy and AUROC per method of the pretrained image encoder, one row per
+    task and one panel per (pooling, text encoder); dots per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in summary})
+    panels = sorted({(r["pooling"], r["text"]) for r in summary if r["encoder"] == "pretrained"})
+    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(3.6 * len(panels), 3.4 * len(tasks)), squeeze=False,
+                             sharey=True)
+    methods = [*MAPS, "probe"]
+    for i, task in enumerate(tasks):
+        for ax, (pooling, text) in zip(axes[i], panels, strict=True):
+            rows = {r["method"]: r for r in summary
+                    if (r["task"], r["encoder"], r["pooling"], r["text"]) == (task, "pretrained", pooling, text)}
+            x = np.arange(len(methods))
+            for offset, metric, color in ((-0.2, "balanced_accuracy", "tab:blue"), (0.2, "auroc", "tab:orange")):
+                ax.bar(x + offset, [rows[m][metric]["mean"] for m in methods], 0.38, color=color, label=metric)
+                for j, m in enumerate(methods):
+                    ax.plot([x[j] + offset] * len(rows[m][metric]["per_seed"]), rows[m][metric]["per_seed"], "k.", ms=3)
+            ax.axhline(0.5, color="grey", lw=0.6, ls="--")
+            ax.set_xticks(x, methods, rotation=30)
+            ax.set_title(f"{task}: X_h {pooling} pooling, text {text}", fontsize=9)
+            ax.set_ylim(0, 1.05)
+        axes[i][0].set_ylabel(f"{task} (held-out patients)")
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("Zero-shot through the federated map T vs naive stitching vs linear probe (pretrained PIR encoder)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma list; each seeds federation, model and pretraining")
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--subjects", type=int, default=24, help="subjects per site")
+    parser.add_argument("--held-out", type=int, default=6, help="test subjects per site (the last ones)")
+    parser.add_argument("--size", type=int, default=24, help="volume edge in voxels")
+    parser.add_argument("--pretrain-epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--poolings", default="mean,max", help="comma list of X_h poolings (fedpir.models.anchors.POOLINGS)")
+    parser.add_argument("--ridge-alpha", type=float, default=1.0, help="ridge strength per anchor")
+    parser.add_argument("--text", choices=("all", "minilm", "hashed"), default="all",
+                        help="text encoders: all available (MiniLM if installed, and the hashed fallback), or one")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (a PNG is written beside it)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    encoders: dict[str, Any] = {}
+    if args.text in ("all", "minilm") and (minilm_available() or args.text == "minilm"):
+        encoders["minilm"] = load_text_encoder("minilm")
+    if args.text in ("all", "hashed"):
+        encoders["hashed"] = load_text_encoder("hashed")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            runs.append(run_seed(seed, args, encoders, Path(tmp)))
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "results"}), file=sys.stderr, flush=True)
+    summary = summarize(runs)
+    doc = {"command": "python benchmarks/zero_shot.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "prompts": {t: {k: list(v) for k, v in prompts.items()} for t, (prompts, _) in TASKS.items()},
+           "text_encoders": {k: e.name for k, e in encoders.items()},
+           "torch": torch.__version__, "summary": summary, "runs": runs}
+    text = json.dumps(doc, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        plot(summary, args.out.with_suffix(".png"))
+    else:
+        print(text)
+    for row in summary:
+        label = f"{row['task']:>6} {row['encoder']:>10} {row['pooling']:>7} {row['text']:>7} {row['method']:>10}"
+        print(f"{label}  acc {row['accuracy']['mean']:.3f}"
+              f"±{row['accuracy']['std']:.3f}  bal {row['balanced_accuracy']['mean']:.3f}  auroc {row['auroc']['mean']:.3f}"
+              f"±{row['auroc']['std']:.3f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
