@@ -110,3 +110,26 @@ def test_warm_start_is_checked_loaded_and_recorded_by_the_site(small_federation:
              tmp_path / "state3", "site-0")
 
 
+
+
+@pytest.mark.parametrize("method", ["centralized", "local"])
+def test_every_method_but_scratch_starts_from_the_warm_start(method: str, small_federation: Path, tmp_path: Path) -> None:
+    """The baselines start from the same warm start as fedpir: with the encoder frozen by the private
+    recipe, their final encoder is the warm start's, bit for bit."""
+    from dataclasses import replace
+
+    from fedpir.simulation.runner import method_settings, run_method
+
+    vocab = json.loads((small_federation / "federation.json").read_text())["modalities"]
+    settings = RunSettings(volume_size=16, federation_dir=str(small_federation), modalities=",".join(vocab),
+                           finetune_rounds=1, run_dir=str(tmp_path))
+    warm = build_model(settings)
+    with torch.no_grad():
+        warm.encoder.stem.conv.weight.mul_(-1.0)  # unlike any random initialisation
+    sha = save_warm_start(warm, tmp_path / "warm.pt", {})
+    settings = replace(settings, warm_start=str(tmp_path / "warm.pt"), warm_start_sha256=sha)
+    run_dir = run_method(method, settings, tmp_path / "out")
+    saved = run_dir / ("pooled_model.pt" if method == "centralized" else "sites/site-0/local_state.pt")
+    final = torch.load(saved, weights_only=True)
+    assert torch.equal(final["encoder.stem.conv.weight"], warm.encoder.stem.conv.weight)
+    assert method_settings("scratch", settings, tmp_path).warm_start == ""
