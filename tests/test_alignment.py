@@ -149,7 +149,7 @@ def test_errors_are_clear() -> None:
 
 
 def test_flower_records_carry_the_statistics_and_the_server_sum_equals_the_pooled_fit() -> None:
-    from fedpir.strategies.alignment import aggregate_statistics, statistics_from_record, statistics_record
+    from fedpir.alignment_stage import aggregate_statistics, statistics_from_record, statistics_record
 
     rng = np.random.default_rng(10)
     sites = _sites(rng, [8, 6, 11], dx=5, dy=7)

@@ -1,5 +1,8 @@
 """A federated alignment stage on Flower records (a sketch, not yet wired into the ServerApp).
 
+Site and server both use this module (like ``fedpir.protocol``); it sits outside
+``fedpir.strategies`` because strategies do not import ``fedpir.models``.
+
 Site side: :func:`fedpir.models.anchors.site_alignment_statistics` computes the statistics of its
 anchors; :func:`statistics_record` packs them into an ``ArrayRecord`` for the reply (refusing
 fewer than ``min_anchors`` anchors: with one anchor, X^T Y is that patient's x y^T). Server side:
