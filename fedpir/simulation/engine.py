@@ -36,6 +36,10 @@ def run_flower(server_app: ServerApp, client_app: ClientApp, num_supernodes: int
     """
     from flwr.simulation import run_simulation
 
+    # Ray hides the GPUs from actors that reserve none (num_gpus=0) unless told otherwise; sites pick
+    # their device themselves (run config ``device``), so keep the GPUs visible. This is also what
+    # Ray's FutureWarning announces as its future default.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     flwr_logger = logging.getLogger("flwr")
     if not any(isinstance(f, _DropRunSimulationDeprecation) for f in flwr_logger.filters):
         flwr_logger.addFilter(_DropRunSimulationDeprecation())
