@@ -1,0 +1,48 @@
+"""`fedpir audit`: an auditor's check of a site's privacy ledger, with the site's public key only.
+
+    fedpir audit verify LEDGER --public-key KEY [--json]
+
+Prints one line per failure (``LEDGER: entry N: RULE: detail``, N the 1-based line of the entry; the
+rules are listed in :mod:`fedpir.privacy.audit`) and a final summary line with epsilon spent of the
+budget and the hash of the last entry (keep it: a later audit whose ledger no longer contains it
+shows that entries were cut off). ``--json`` prints one JSON object instead.
+
+Exit codes: 0 every rule holds, 1 verification failed, 2 usage error or unreadable ledger or key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedpir.privacy.audit import verify_ledger
+from fedpir.privacy.signing import load_public_key
+
+HELP = "verify a site's privacy ledger (hash chain, signatures, epsilon recomputed with Opacus, budget)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `fedpir audit`."""
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    verify = sub.add_parser("verify", help="verify one ledger; exit 0 if it holds, 1 if not, 2 if unreadable")
+    verify.add_argument("ledger", type=Path, metavar="LEDGER", help="the site's privacy_ledger.jsonl")
+    verify.add_argument("--public-key", type=Path, required=True, metavar="KEY",
+                        help="the site's ledger public key (ledger_signing.pub: PEM, or 32 raw bytes)")
+    verify.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `fedpir audit ACTION`; returns the exit code."""
+    if args.action == "verify":
+        if not args.ledger.is_file():
+            raise OSError(f"ledger {args.ledger} is not a file")
+        result = verify_ledger(args.ledger, load_public_key(args.public_key))
+        if args.json:
+            print(json.dumps(result.to_json(), indent=1))
+        else:
+            for failure in result.failures:
+                print(failure.line(args.ledger))
+            print(result.summary())
+        return 0 if result.ok else 1
+    raise ValueError(f"unknown audit action {args.action!r}")
