@@ -288,3 +288,21 @@ def test_garbled_line_fails_with_exit_1(honest, tmp_path: Path, capsys) -> None:
     (state / LEDGER_NAME).write_text("\n".join(lines) + "\n")
     assert failures(state) == {(2, "format"), (3, "chain")}
     assert audit(state, capsys=capsys)[0] == 1
+
+
+def test_report_page_with_epsilon_plot(honest, tmp_path: Path, capsys) -> None:
+    state, eps = honest
+    other = copy_state(honest, tmp_path / "b")
+    write(other, _edit_epsilon(read(other), other))
+    ledgers = [str(state / LEDGER_NAME), str(other / LEDGER_NAME)]
+    keys = ["--public-key", str(state / PUBLIC_KEY_NAME), "--public-key", str(other / PUBLIC_KEY_NAME)]
+    assert main(["audit", "report", *ledgers, "--out", str(tmp_path / "out"), *keys]) == 1
+    page = (tmp_path / "out" / "audit_report.md").read_text()
+    assert "FAILED verification (2 failures)" in page and "verified OK" in page
+    assert f"| {eps[-1]:.4g} | 50 | {50 - eps[-1]:.4g} |" in page
+    png = (tmp_path / "out" / "epsilon.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert main(["audit", "report", ledgers[0], "--out", str(tmp_path / "plain")]) == 0
+    assert "not verified (no public key)" in (tmp_path / "plain" / "audit_report.md").read_text()
+    assert main(["audit", "report", *ledgers, "--out", str(tmp_path / "x"), *keys[:2]]) == 2
+    assert "one --public-key per ledger" in capsys.readouterr().err
