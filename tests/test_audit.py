@@ -229,6 +229,10 @@ def test_tampered_ledger_stops_training(honest, site, tmp_path: Path) -> None:
         LocalTrainer(make_model(vocab), dataset, dp=RDP, batch_size=1, state_dir=state,
                      ledger_key=tmp_path / "keys" / "other.key")
     LocalTrainer(make_model(vocab), dataset, dp=RDP, batch_size=1, state_dir=state)  # the honest ledger loads
+    write(state, [{k: v for k, v in e.items() if k not in ("prev", "signature")} for e in read(state)])
+    with pytest.raises(LedgerError, match="entries are not signed"):  # a ledger from before signing
+        LocalTrainer(make_model(vocab), dataset, dp=RDP, batch_size=1, state_dir=state)
+    (state / LEDGER_NAME).write_bytes(ledger)
     (state / SIGNING_KEY_NAME).unlink()
     with pytest.raises(LedgerError, match="signing key .* is missing"):
         LocalTrainer(make_model(vocab), dataset, dp=DPConfig(enabled=False), state_dir=state)

@@ -98,6 +98,7 @@ def _plot(sites: list[SiteRounds], path: Path) -> None:
     matplotlib.use("Agg")
     warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy", category=DeprecationWarning)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for s in sites:
@@ -105,6 +106,8 @@ def _plot(sites: list[SiteRounds], path: Path) -> None:
         (line,) = ax.plot(xs, [r[1] for r in s.rounds], marker="o", label=s.site)
         if s.rounds:
             ax.axhline(s.rounds[-1][2], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("private round")
     ax.set_ylabel("epsilon spent (dashed: budget)")
     ax.grid(alpha=0.3)

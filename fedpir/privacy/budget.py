@@ -92,6 +92,10 @@ class PrivacyLedger:
         if not lines:
             return
         assert self.key_path is not None
+        if not any(isinstance(e, dict) and "signature" in e for _, e in lines):
+            raise LedgerError(f"{self.path}: the ledger's entries are not signed (written before ledgers were signed), "
+                              "so what the site spent cannot be verified; archive the state folder and start the "
+                              "site afresh, with the admin's and the auditor's agreement, before training")
         if not self.key_path.is_file():
             raise LedgerError(f"{self.path}: the ledger has entries but its signing key {self.key_path} is missing; "
                               "restore the key (or pass its path) before training")
