@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "fedpir.simulation.simulate_cli",
     "provision": "fedpir.deployment.provision_cli",
     "site": "fedpir.deployment.site_cli",
+    "audit": "fedpir.privacy.audit_cli",
 }
 
 

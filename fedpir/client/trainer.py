@@ -76,6 +76,8 @@ class LocalTrainer:
     rounds reproducible: the sampling, noise and augmentation streams of round r are seeded by
     (seed, r), with r counted in the ledger, so no two rounds of a site reuse a stream; under DP
     with ``dp.secret_noise`` (the default) the noise and sampling streams are secret instead.
+    The ledger's entries are chained and signed with the site's key (``ledger_key``, by default in
+    ``state_dir``); a ledger that does not verify raises LedgerError here, before any training.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class LocalTrainer:
         device: str | torch.device = "cpu",
         augment_views: int = 0,
         name: str = "site",
+        ledger_key: Path | None = None,
     ) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
@@ -106,7 +109,7 @@ class LocalTrainer:
         self.augment_views, self.name = augment_views, name
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model.to(self.device)
-        self.ledger = PrivacyLedger.in_dir(state_dir)
+        self.ledger = PrivacyLedger.in_dir(state_dir, key_path=ledger_key)
         self.budget: PrivacyBudget | None = None
         if dp.enabled:
             delta = dp.delta or self.ledger.delta or default_delta(self.n_patients)

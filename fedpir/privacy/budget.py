@@ -6,7 +6,9 @@ multiplier, clipping bound), the epsilon after the round and the accountant's fu
 ``[(noise_multiplier, sample_rate, steps), ...]``, so that a restarted client rebuilds the Opacus
 accountant from the last entry and epsilon keeps accumulating. A non-private round is recorded as
 ``"dp": false`` without an epsilon: the site then has no DP guarantee for what it released, and
-:attr:`PrivacyLedger.non_private_rounds` says so.
+:attr:`PrivacyLedger.non_private_rounds` says so. Entries are hash-chained and signed with the site's
+Ed25519 key (:mod:`fedpir.privacy.signing`); a ledger that does not verify stops training, and
+``fedpir audit verify`` lets an auditor check it, epsilon included, with the site's public key.
 """
 
 from __future__ import annotations
@@ -18,9 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opacus.accountants import IAccountant, create_accountant
 
 from fedpir.privacy.dp import RoundPlan
+from fedpir.privacy.signing import (
+    GENESIS,
+    SIGNING_KEY_NAME,
+    check_entry,
+    create_signing_key,
+    entry_hash,
+    load_signing_key,
+    public_key_path,
+    seal,
+)
 
 LEDGER_NAME = "privacy_ledger.jsonl"
 
@@ -40,39 +53,112 @@ class BudgetExceededError(RuntimeError):
 
 
 class LedgerError(ValueError):
-    """The ledger file cannot be trusted (unparseable line, inconsistent delta)."""
+    """The ledger file cannot be trusted (unparseable line, broken chain or signature, inconsistent
+    delta, missing while the site has trained state): training stops until the site's admin acts."""
+
+
+#: Files in a state folder that exist only after the site has trained: with one of them and no
+#: ledger, the record of what was spent is gone (deleted, or moved away) and training must stop.
+TRAINED_STATE_MARKERS: tuple[str, ...] = ("local_state.pt",)
 
 
 class PrivacyLedger:
-    """Append-only record of a site's local rounds, in memory or in ``path`` (JSON lines)."""
+    """Append-only, hash-chained and signed record of a site's local rounds, in memory or in ``path``.
 
-    def __init__(self, path: Path | None = None) -> None:
+    Each entry links to the one before it and is signed with the site's Ed25519 key (see
+    :mod:`fedpir.privacy.signing`): ``key_path``, by default ``ledger_signing.key`` next to the ledger,
+    created (0600, folder 0700) with the first entry. Loading an existing ledger verifies every link
+    and signature and raises :class:`LedgerError` naming the line and the rule at the first failure.
+    An in-memory ledger signs with a throwaway key.
+    """
+
+    def __init__(self, path: Path | None = None, *, key_path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
+        self.key_path = Path(key_path) if key_path is not None else (
+            self.path.parent / SIGNING_KEY_NAME if self.path is not None else None)
+        self._key: Ed25519PrivateKey | None = Ed25519PrivateKey.generate() if self.path is None else None
         self.entries: list[dict[str, Any]] = []
-        if self.path is not None and self.path.exists():
-            for number, line in enumerate(self.path.read_text().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    self.entries.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise LedgerError(f"{self.path}:{number}: unreadable ledger entry ({err})") from err
+        self.last_hash = GENESIS
+        if self.path is None or not self.path.exists():
+            return
+        lines: list[tuple[int, dict[str, Any]]] = []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                lines.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise LedgerError(f"{self.path}:{number}: unreadable ledger entry ({err})") from err
+        if not lines:
+            return
+        assert self.key_path is not None
+        if not any(isinstance(e, dict) and "signature" in e for _, e in lines):
+            raise LedgerError(f"{self.path}: the ledger's entries are not signed (written before ledgers were signed), "
+                              "so what the site spent cannot be verified; archive the state folder and start the "
+                              "site afresh, with the admin's and the auditor's agreement, before training")
+        if not self.key_path.is_file():
+            raise LedgerError(f"{self.path}: the ledger has entries but its signing key {self.key_path} is missing; "
+                              "restore the key (or pass its path) before training")
+        self._key = self._load_key()
+        public = self._key.public_key()
+        for number, entry in lines:
+            problems = check_entry(entry, self.last_hash, public) if isinstance(entry, dict) else [
+                ("format", "not a JSON object")]
+            if problems:
+                rule, detail = problems[0]
+                raise LedgerError(f"{self.path}: entry {number} breaks the {rule} rule: {detail}; "
+                                  "the ledger cannot be trusted, training stops (audit it with `fedpir audit verify`)")
+            self.entries.append(entry)
+            self.last_hash = entry_hash(entry)
 
     @classmethod
-    def in_dir(cls, state_dir: Path | None) -> PrivacyLedger:
-        """The ledger of a site state folder (created on first write), or an in-memory one."""
-        return cls(Path(state_dir) / LEDGER_NAME if state_dir is not None else None)
+    def in_dir(cls, state_dir: Path | None, *, key_path: Path | None = None) -> PrivacyLedger:
+        """The ledger of a site state folder (created on first write), or an in-memory one.
+
+        Raises LedgerError if the folder has trained state (:data:`TRAINED_STATE_MARKERS`) but no
+        ledger entries: the site's record of what it spent is gone.
+        """
+        if state_dir is None:
+            return cls(None)
+        ledger = cls(Path(state_dir) / LEDGER_NAME, key_path=key_path)
+        trained = [name for name in TRAINED_STATE_MARKERS if (Path(state_dir) / name).exists()]
+        if trained and not ledger.entries:
+            raise LedgerError(f"{state_dir}: the site has trained state ({', '.join(trained)}) but no privacy ledger "
+                              f"({LEDGER_NAME} missing or empty); restore the ledger, or archive the state folder and "
+                              "start the site afresh, before training")
+        return ledger
+
+    def _load_key(self) -> Ed25519PrivateKey:
+        assert self.key_path is not None
+        try:
+            return load_signing_key(self.key_path)
+        except ValueError as err:
+            raise LedgerError(str(err)) from err
+
+    def _signing_key(self) -> Ed25519PrivateKey:
+        """The key entries are signed with (created, with the state folder made 0700, on first use)."""
+        if self._key is None:
+            assert self.key_path is not None and self.path is not None
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.path.parent.chmod(0o700)
+            self._key = self._load_key() if self.key_path.is_file() else create_signing_key(self.key_path)
+        return self._key
+
+    @property
+    def public_key_path(self) -> Path | None:
+        """The exported public key an auditor verifies the ledger with (None in memory)."""
+        return public_key_path(self.key_path) if self.key_path is not None else None
 
     def append(self, entry: dict[str, Any]) -> None:
-        """Add one round; written and fsynced before returning."""
-        entry = {"timestamp": time.time(), **entry}
+        """Add one round, chained and signed; written and fsynced before returning."""
+        entry = seal({"timestamp": time.time(), **entry}, self.last_hash, self._signing_key())
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as fh:
                 fh.write(json.dumps(entry) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
         self.entries.append(entry)
+        self.last_hash = entry_hash(entry)
 
     @property
     def private_entries(self) -> list[dict[str, Any]]:

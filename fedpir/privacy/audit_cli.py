@@ -1,0 +1,63 @@
+"""`fedpir audit`: an auditor's check of a site's privacy ledger, with the site's public key only.
+
+    fedpir audit verify LEDGER --public-key KEY [--json]
+    fedpir audit report LEDGER... --out DIR [--public-key KEY...]
+
+Prints one line per failure (``LEDGER: entry N: RULE: detail``, N the 1-based line of the entry; the
+rules are listed in :mod:`fedpir.privacy.audit`) and a final summary line with epsilon spent of the
+budget and the hash of the last entry (keep it: a later audit whose ledger no longer contains it
+shows that entries were cut off). ``--json`` prints one JSON object instead.
+
+``report`` writes ``DIR/audit_report.md`` with a plot of epsilon per private round per site and the
+budget left (see :mod:`fedpir.privacy.audit_report`); with one public key per ledger it verifies them first.
+
+Exit codes: 0 every rule holds, 1 verification failed, 2 usage error or unreadable ledger or key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedpir.privacy.audit import verify_ledger
+from fedpir.privacy.signing import load_public_key
+
+HELP = "verify a site's privacy ledger (hash chain, signatures, epsilon recomputed with Opacus, budget)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `fedpir audit`."""
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    verify = sub.add_parser("verify", help="verify one ledger; exit 0 if it holds, 1 if not, 2 if unreadable")
+    verify.add_argument("ledger", type=Path, metavar="LEDGER", help="the site's privacy_ledger.jsonl")
+    verify.add_argument("--public-key", type=Path, required=True, metavar="KEY",
+                        help="the site's ledger public key (ledger_signing.pub: PEM, or 32 raw bytes)")
+    verify.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    report = sub.add_parser("report", help="a Markdown page: epsilon per round per site, budget left")
+    report.add_argument("ledgers", type=Path, nargs="+", metavar="LEDGER", help="one privacy_ledger.jsonl per site")
+    report.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder of the page and its figure")
+    report.add_argument("--public-key", type=Path, action="append", default=[], metavar="KEY",
+                        help="each ledger's public key, in the ledgers' order (verifies them; exit 1 if one fails)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `fedpir audit ACTION`; returns the exit code."""
+    if args.action == "verify":
+        if not args.ledger.is_file():
+            raise OSError(f"ledger {args.ledger} is not a file")
+        result = verify_ledger(args.ledger, load_public_key(args.public_key))
+        if args.json:
+            print(json.dumps(result.to_json(), indent=1))
+        else:
+            for failure in result.failures:
+                print(failure.line(args.ledger))
+            print(result.summary())
+        return 0 if result.ok else 1
+    if args.action == "report":
+        from fedpir.privacy.audit_report import write_report
+
+        page, ok = write_report(args.ledgers, args.out, args.public_key)
+        print(f"wrote {page}" + ("" if ok else " (a ledger FAILED verification: run `fedpir audit verify` on it)"))
+        return 0 if ok else 1
+    raise ValueError(f"unknown audit action {args.action!r}")

@@ -1,0 +1,118 @@
+"""The auditor's page (``fedpir audit report``): epsilon per round per site and the budget left.
+
+One Markdown file ``audit_report.md`` and one figure ``epsilon.png`` in the output folder. With a
+site's public key the ledger is verified first (:func:`fedpir.privacy.audit.verify_ledger`) and the
+page plots the epsilon recomputed with Opacus; without one it plots the epsilon the site recorded
+and says that the ledger was not verified.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpir.privacy.audit import AuditResult, verify_ledger
+from fedpir.privacy.signing import load_public_key
+
+REPORT_NAME, FIGURE_NAME = "audit_report.md", "epsilon.png"
+
+
+@dataclass
+class SiteRounds:
+    """One site's private rounds for the page."""
+
+    site: str
+    ledger: Path
+    verdict: str
+    rounds: list[tuple[int, float, float]]  # (entry line, epsilon, budget)
+    non_private_rounds: int
+    delta: float | None
+
+
+def _recorded(path: Path) -> SiteRounds:
+    """The epsilon the site recorded, unverified (unreadable lines are skipped)."""
+    rounds, non_private, delta = [], 0, None
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("dp") and "epsilon" in entry:
+            rounds.append((number, float(entry["epsilon"]), float(entry.get("epsilon_budget", float("nan")))))
+            delta = entry.get("delta", delta)
+        elif not entry.get("dp"):
+            non_private += 1
+    return SiteRounds(path.parent.name, path, "not verified (no public key)", rounds, non_private, delta)
+
+
+def _verified(path: Path, result: AuditResult) -> SiteRounds:
+    verdict = "verified OK" if result.ok else f"FAILED verification ({len(result.failures)} failures)"
+    return SiteRounds(path.parent.name, path, verdict, result.rounds, result.non_private_rounds, result.delta)
+
+
+def write_report(ledgers: list[Path], out: Path, public_keys: list[Path] | None = None) -> tuple[Path, bool]:
+    """Write the page for ``ledgers`` (keys, if given, in the same order); returns (page, all verified ok)."""
+    keys = list(public_keys or [])
+    if keys and len(keys) != len(ledgers):
+        raise ValueError(f"give one --public-key per ledger ({len(ledgers)} ledgers, {len(keys)} keys)")
+    sites, ok = [], True
+    for i, path in enumerate(ledgers):
+        if not path.is_file():
+            raise OSError(f"ledger {path} is not a file")
+        if keys:
+            result = verify_ledger(path, load_public_key(keys[i]))
+            ok &= result.ok
+            sites.append(_verified(path, result))
+        else:
+            sites.append(_recorded(path))
+    names = [s.site for s in sites]
+    for s in sites:
+        if names.count(s.site) > 1:
+            s.site = str(s.ledger)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(sites, out / FIGURE_NAME)
+    lines = ["# Privacy audit", "", f"![epsilon per round]({FIGURE_NAME})", "",
+             "| site | ledger | verdict | private rounds | non-private rounds | epsilon spent | budget | budget left | delta |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in sites:
+        eps, budget = (s.rounds[-1][1], s.rounds[-1][2]) if s.rounds else (0.0, float("nan"))
+        delta = f"{s.delta:g}" if s.delta is not None else "-"
+        lines.append(f"| {s.site} | `{s.ledger}` | {s.verdict} | {len(s.rounds)} | {s.non_private_rounds} | "
+                     f"{eps:.4g} | {budget:.4g} | {budget - eps:.4g} | {delta} |")
+    lines += ["", "A non-private round releases an update without any DP guarantee. Epsilon is "
+              + ("recomputed with Opacus from each entry's accountant history." if keys else
+                 "as recorded by the site: verify the ledgers (`--public-key`) to recompute it."), ""]
+    page = out / REPORT_NAME
+    page.write_text("\n".join(lines))
+    return page, ok
+
+
+def _plot(sites: list[SiteRounds], path: Path) -> None:
+    """Epsilon after each private round, one line per site, its budget dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy", category=DeprecationWarning)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for s in sites:
+        xs = list(range(1, len(s.rounds) + 1))
+        (line,) = ax.plot(xs, [r[1] for r in s.rounds], marker="o", label=s.site)
+        if s.rounds:
+            ax.axhline(s.rounds[-1][2], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("private round")
+    ax.set_ylabel("epsilon spent (dashed: budget)")
+    ax.grid(alpha=0.3)
+    if sites:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
