@@ -52,3 +52,28 @@ def test_default_simulation_runs_every_method(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     assert all(f"| **{m}** | **mean** |" in report for m in METHODS)
     assert (out / "synthesis.png").is_file()
+
+
+def _prepare(run_dir: str) -> str:
+    from fedpir.run_config import RunSettings
+    from fedpir.simulation.prepare import synthetic_federation
+
+    settings = RunSettings(run_dir=run_dir, num_sites=2, subjects_per_site=2, volume_size=16)
+    return str(synthetic_federation(settings, eval_subjects=1))
+
+
+def test_simulated_sites_racing_to_prepare_the_federation_write_it_once(tmp_path: Path) -> None:
+    """`flwr run .` without a federation folder: the simulated sites (parallel processes) prepare the
+    run's synthetic federation; one writes it, the others wait for it and reuse it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        paths = pool.map(_prepare, [str(tmp_path)] * 3)
+    federation = tmp_path / "federation"
+    assert set(paths) == {str(federation)}
+    assert sorted(p.name for p in federation.glob("site-*")) == ["site-0", "site-1"]
+    assert sorted(p.name for p in (federation / "eval").iterdir()) == ["site-0", "site-1"]
+    assert not list(tmp_path.glob(".federation.partial"))
+    before = (federation / "federation.json").stat().st_mtime_ns
+    assert _prepare(str(tmp_path)) == str(federation)
+    assert (federation / "federation.json").stat().st_mtime_ns == before
