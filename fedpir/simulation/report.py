@@ -57,6 +57,11 @@ def final_by_site(records: Records, kind: str = "evaluate") -> dict[str, dict[st
     return {site: metrics for site, (_, metrics) in sorted(last.items())}
 
 
+def _shown(path: Path, out_dir: Path) -> str:
+    """``path`` relative to the report's folder when inside it (a report names no machine paths)."""
+    return str(path.relative_to(out_dir)) if path.is_relative_to(out_dir) else str(path)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
@@ -181,7 +186,7 @@ def write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross
         figures.append(("Cross-modal synthesis by the fedpir model (input -> every modality -> truth)", grid))
     lines = [
         "# fedpir simulation report", "",
-        f"Federation: `{settings.federation_path}`; {settings.num_sites} sites, seed {settings.seed}, "
+        f"Federation: `{_shown(settings.federation_path, out_dir)}`; {settings.num_sites} sites, seed {settings.seed}, "
         f"{settings.volume_size}^3 voxels; {settings.pretrain_rounds} pretraining + {settings.finetune_rounds} "
         f"fine-tuning rounds ({settings.finetune_task}); DP {'on' if settings.dp else 'off'}, "
         f"budget epsilon {settings.epsilon_budget}.", "",
