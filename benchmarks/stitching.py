@@ -34,17 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Subset
-from zero_shot import split_site, task_labels
+from torch.utils.data import ConcatDataset
+from zero_shot import federation_splits, task_labels
 
 from fedpir.client.trainer import LocalTrainer
-from fedpir.data.dataset import load_site
 from fedpir.models.anchors import embed_dataset
 from fedpir.models.pir import PIRConfig, PIRNet
 from fedpir.models.stitching import StitchedHead, fit_stitch
 from fedpir.models.zeroshot import binary_metrics, linear_probe
 from fedpir.privacy.dp import DPConfig
-from fedpir.synthetic.federation import generate_federation
 
 STITCH_METHODS = ("procrustes", "ridge")
 
@@ -52,15 +50,7 @@ STITCH_METHODS = ("procrustes", "ridge")
 def run_seed(seed: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Global pretraining, per-site fine-tuning and the three ways of reading site embeddings."""
     start = time.perf_counter()
-    fed = generate_federation(workdir / f"fed-{seed}", n_sites=args.sites, subjects_per_site=args.subjects,
-                              shape=(args.size,) * 3, seed=seed, report_brain_volume=True)
-    vocab = json.loads((fed / "federation.json").read_text())["modalities"]
-    trains, tests = [], []
-    for k, site_dir in enumerate(sorted(p for p in fed.iterdir() if p.is_dir())):
-        ds, _ = load_site(site_dir, vocab, (args.size,) * 3)
-        train_idx, test_idx = split_site([r.label for r in ds.records], args.held_out, np.random.default_rng([seed, k, 7]))
-        trains.append(Subset(ds, train_idx))
-        tests.append(Subset(ds, test_idx))
+    vocab, trains, tests = federation_splits(seed, args, workdir)
     torch.manual_seed(seed)
     global_model = PIRNet(PIRConfig(vocab, spatial_size=(args.size,) * 3))
     LocalTrainer(global_model, ConcatDataset(trains), dp=DPConfig(enabled=False), batch_size=args.batch_size,

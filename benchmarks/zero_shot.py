@@ -84,9 +84,9 @@ def split_site(labels: list[int | None], held_out: int, rng: np.random.Generator
     return [i for i in range(len(labels)) if i not in set(test)], test
 
 
-def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Everything of one seed: federation, pretraining, federated alignment, evaluation."""
-    start = time.perf_counter()
+def federation_splits(seed: int, args: argparse.Namespace, workdir: Path) -> tuple[list[str], list[Subset], list[Subset]]:
+    """The seed's synthetic federation (reports state the brain volume) and, per site, its training
+    and held-out patients (stratified by lesion)."""
     fed = generate_federation(workdir / f"fed-{seed}", n_sites=args.sites, subjects_per_site=args.subjects,
                               shape=(args.size,) * 3, seed=seed, report_brain_volume=True)
     vocab = json.loads((fed / "federation.json").read_text())["modalities"]
@@ -96,6 +96,13 @@ def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], work
         train_idx, test_idx = split_site([r.label for r in ds.records], args.held_out, np.random.default_rng([seed, k, 7]))
         trains.append(Subset(ds, train_idx))
         tests.append(Subset(ds, test_idx))
+    return vocab, trains, tests
+
+
+def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Everything of one seed: federation, pretraining, federated alignment, evaluation."""
+    start = time.perf_counter()
+    vocab, trains, tests = federation_splits(seed, args, workdir)
     test_all, train_all = ConcatDataset(tests), ConcatDataset(trains)
     train_y = {t: np.concatenate([task_labels(s, t) for s in trains]) for t in TASKS}
     test_y = {t: np.concatenate([task_labels(s, t) for s in tests]) for t in TASKS}
