@@ -1,6 +1,7 @@
 """The README's results table, generated from `fedpir simulate` outputs over several seeds.
 
-    python benchmarks/results_table.py docs/results/default_simulation/seed-*/summary.json
+    python benchmarks/results_table.py docs/results/default_simulation/seed-*/summary.json \
+        --no-dp docs/results/default_simulation/no-dp/seed-*.json
 
 Prints Markdown: per method, the mean held-out lesion Dice over sites (mean ± sd over the runs),
 epsilon, and Dice on seen / unseen single input modalities; then the targets of the issue tracker
@@ -35,8 +36,10 @@ def fmt(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {sd:.3f}"
 
 
-def main(paths: list[str]) -> int:
+def main(argv: list[str]) -> int:
+    paths, no_dp = (argv[: argv.index("--no-dp")], argv[argv.index("--no-dp") + 1 :]) if "--no-dp" in argv else (argv, [])
     runs = [per_run(json.loads(Path(p).read_text())) for p in paths]
+    fedpir_no_dp = [per_run(json.loads(Path(p).read_text()))["fedpir"]["dice"] for p in no_dp]
     methods = list(runs[0])
     lines = [f"Mean over {len(runs)} seeds (± sd); Dice is the mean over sites of held-out lesion Dice.", "",
              "| method | held-out Dice | Dice, seen input modality | Dice, unseen input modality |", "|---|---|---|---|"]
@@ -49,6 +52,9 @@ def main(paths: list[str]) -> int:
     if "fedpir" in mean:
         f = mean["fedpir"]
         checks.append(("fedpir Dice >= 0.5", f["dice"], f["dice"] >= 0.5))
+        if fedpir_no_dp:
+            gap = float(np.mean(fedpir_no_dp)) - f["dice"]
+            checks.append((f"fedpir without DP ({np.mean(fedpir_no_dp):.3f}) - fedpir at epsilon 8 <= 0.05", gap, gap <= 0.05))
         for other, margin in (("local", 0.05), ("fedavg", 0.03)):
             if other in mean:
                 gap = f["dice"] - mean[other]["dice"]

@@ -16,9 +16,6 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-# matplotlib 3.x calls np.array(x, copy=False) on its own arrays, which NumPy 2 flags as deprecated;
-# it changes nothing in the figures.
-warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept a copy", category=DeprecationWarning)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -170,7 +167,14 @@ def cross_modal_table(cross_modal: dict[str, Any]) -> str:
 def write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None = None) -> Path:
     """Write ``out_dir/report.md`` and its PNGs (and ``summary.json``); returns the report's path.
     ``cross_modal``: the result of :func:`fedpir.simulation.cross_modal.cross_modal_summary`."""
-    out_dir = Path(out_dir)
+    with warnings.catch_warnings():
+        # matplotlib calls np.array(x, copy=False) on its own arrays, which NumPy 2 flags as
+        # deprecated; it changes nothing in the figures. (Set here: Ray re-enables such warnings.)
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        return _write_report(Path(out_dir), methods, settings, cross_modal)
+
+
+def _write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None) -> Path:
     runs = load_runs(out_dir, methods)
     task_key = "dice" if settings.finetune_task == "segmentation" else "accuracy"
     figures = [
