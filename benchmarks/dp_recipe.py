@@ -31,11 +31,10 @@ from typing import Any
 
 import torch
 
-from fedpir.client.pretrain_public_cli import build_warm_start
+from fedpir.client.pretrain_public_cli import RECIPE, build_warm_start
 from fedpir.client.site import Site
 from fedpir.protocol import STAGES
 from fedpir.run_config import RunSettings
-from fedpir.simulation.warm_starts import RECIPE
 from fedpir.synthetic.federation import generate_federation
 
 #: Configurations: overrides of the default RunSettings ("warm": start from the public warm start).

@@ -9,7 +9,7 @@ file is what a run names as ``warm-start`` with its ``warm-start-sha256``.
 
 Example::
 
-    fedpir pretrain-public --out warm_start.pt --size 24 --pretrain-epochs 8 --segment-epochs 8
+    fedpir pretrain-public --out warm_start.pt --size 24 --pretrain-epochs 4 --segment-epochs 8
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from fedpir.models.warm_start import save_warm_start
 from fedpir.run_config import RunSettings
 
 HELP = "build a warm-start file on public data (synthetic by default), with its SHA-256"
+#: How a warm start is made by default (the flags of the same names; `fedpir simulate` uses these).
+RECIPE: dict[str, int | float] = {"subjects": 32, "pretrain_epochs": 4, "segment_epochs": 8, "lr": 2e-3,
+                                  "batch_size": 4}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,14 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = RunSettings()
     parser.add_argument("--out", type=Path, required=True, help="the warm-start file to write")
     parser.add_argument("--corpus", type=Path, help="a folder of public NIfTI (default: generate the synthetic corpus)")
-    parser.add_argument("--subjects", type=int, default=48, help="patients of the generated corpus (default 48)")
+    parser.add_argument("--subjects", type=int, default=RECIPE["subjects"], help="patients of the generated corpus")
     parser.add_argument("--size", type=int, default=d.volume_size, help="model grid edge (must match the run's)")
     parser.add_argument("--modalities", default=d.modalities, help="modality vocabulary (must match the run's)")
-    parser.add_argument("--pretrain-epochs", type=int, default=8)
-    parser.add_argument("--segment-epochs", type=int, default=8, help="epochs on the public lesion masks (0: none)")
+    parser.add_argument("--pretrain-epochs", type=int, default=RECIPE["pretrain_epochs"])
+    parser.add_argument("--segment-epochs", type=int, default=RECIPE["segment_epochs"],
+                        help="epochs on the public lesion masks (0: none)")
     parser.add_argument("--invariance-weight", type=float, default=1.0, help="0 for the fedpir-noinv ablation")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
+    parser.add_argument("--lr", type=float, default=RECIPE["lr"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the corpus (its streams differ from every site's)")
     parser.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true")

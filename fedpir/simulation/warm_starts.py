@@ -11,14 +11,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from fedpir.client.pretrain_public_cli import build_warm_start
+from fedpir.client.pretrain_public_cli import RECIPE, build_warm_start
 from fedpir.models.warm_start import file_sha256
 from fedpir.run_config import RunSettings
 
 CACHE = Path.home() / ".fedpir" / "warm-starts"
-#: How the simulation's warm starts are made (`fedpir pretrain-public` flags of the same names).
-RECIPE: dict[str, int | float] = {"subjects": 32, "pretrain_epochs": 4, "segment_epochs": 8, "lr": 2e-3,
-                                  "batch_size": 4}
 
 
 def cached_warm_start(settings: RunSettings, invariance_weight: float, cache: Path = CACHE) -> tuple[str, str]:
