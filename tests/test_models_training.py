@@ -302,3 +302,16 @@ def test_segmentation_overfits_and_dice_follows() -> None:
         finetune_losses(net, batch, "segmentation")["total"].backward()
         optimizer.step()
     assert evaluate(net, [batch])["dice"] > max(0.8, start)
+
+
+def test_alice_terms_run_on_the_default_grid() -> None:
+    """The run-config switches mim/anatomical work at the default 24^3 grid and stride 8 (anatomical
+    crops are cut to a multiple of the stride)."""
+    from fedpir.models.losses import LossConfig, pretrain_losses
+
+    torch.manual_seed(0)
+    net = PIRNet(PIRConfig(["t1", "t2"], spatial_size=(24, 24, 24)))
+    batch = {"image": torch.randn(2, 2, 24, 24, 24), "present": torch.tensor([[True, True], [True, False]])}
+    losses = pretrain_losses(net, batch, LossConfig(mim=True, anatomical=True), generator=torch.Generator().manual_seed(0))
+    assert {"mim", "anatomical"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    assert losses["anatomical"] > 0 and losses["mim"] > 0

@@ -160,9 +160,8 @@ def _anatomical_term(net: PIRNet, views: tuple[Tensor, Tensor], m: int, seeds: l
     """Per-patient anatomical contrast: crops at the same coordinates of the two views are positives,
     crops at the patient's other coordinates negatives."""
     shape = tuple(views[0].shape[2:])
-    crop = tuple(s // 2 for s in shape)
-    if any(c % net.cfg.stride for c in crop):
-        raise ValueError(f"anatomical crops {crop} must be divisible by the encoder stride {net.cfg.stride}")
+    stride = net.cfg.stride
+    crop = tuple(max(stride, (s // 2) // stride * stride) for s in shape)  # about half, a multiple of the stride
     starts = [crop_starts(shape, crop, cfg.anatomical_crops, stream(s, m, Purpose.CROPS)) for s in seeds]
     embeddings = []
     for view in views:
