@@ -133,3 +133,16 @@ def test_every_method_but_scratch_starts_from_the_warm_start(method: str, small_
     final = torch.load(saved, weights_only=True)
     assert torch.equal(final["encoder.stem.conv.weight"], warm.encoder.stem.conv.weight)
     assert method_settings("scratch", settings, tmp_path).warm_start == ""
+
+
+def test_a_file_that_is_no_warm_start_is_refused_clearly(tmp_path: Path) -> None:
+    from fedpir.models.warm_start import load_warm_start
+
+    junk = tmp_path / "junk.pt"
+    junk.write_text("junk")
+    with pytest.raises(WarmStartError, match="not a warm-start file"):
+        load_warm_start(build_model(RunSettings()), junk, file_sha256(junk))
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "meta": {}}, other)
+    with pytest.raises(WarmStartError, match="does not fit this model"):
+        load_warm_start(build_model(RunSettings()), other, file_sha256(other))

@@ -54,7 +54,12 @@ def read_warm_start(path: Path, sha256: str) -> dict[str, Any]:
     actual = file_sha256(path)
     if actual != sha256:
         raise WarmStartError(f"warm start {path} has SHA-256 {actual}, the run expects {sha256}: refusing to start from it")
-    content = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is no checkpoint
+        raise WarmStartError(f"warm start {path} is not a warm-start file ({type(err).__name__})") from err
+    if not isinstance(content, dict) or "state_dict" not in content:
+        raise WarmStartError(f"warm start {path} is not a warm-start file (no state_dict)")
     return content
 
 

@@ -70,7 +70,8 @@ def warm_starts(
     """The run's warm start (in its settings) and the fedpir-noinv ablation's, per --warm-start."""
     from dataclasses import replace
 
-    from fedpir.models.warm_start import file_sha256
+    from fedpir.models.pir import build_model
+    from fedpir.models.warm_start import file_sha256, load_warm_start
     from fedpir.simulation.warm_starts import cached_warm_start
 
     if args.warm_start == "none":
@@ -87,6 +88,9 @@ def warm_starts(
         if noinv_needed and args.noinv_warm_start is None:
             raise ValueError("method fedpir-noinv needs --noinv-warm-start with --warm-start FILE")
         noinv = (str(args.noinv_warm_start.resolve()), file_sha256(args.noinv_warm_start)) if noinv_needed else ("", "")
+        for path, sha in (main, noinv):  # a file that does not fit the model stops here, not inside the sites
+            if path:
+                load_warm_start(build_model(settings), Path(path), sha)
     return replace(settings, warm_start=main[0], warm_start_sha256=main[1]), noinv
 
 
