@@ -38,10 +38,8 @@ def final_site_model(run_settings: RunSettings, site: str) -> PIRNet:
     return model.eval()
 
 
-def site_cross_modal(model: PIRNet, eval_site: Path, size: int, modalities: list[str]) -> dict[str, float]:
-    """Dice on the evaluation set with each single modality as the only input."""
-    dataset, _ = load_site(eval_site, modalities, (size,) * 3)
-    loader = DataLoader(dataset, batch_size=4, collate_fn=collate_patients)
+def site_cross_modal(model: PIRNet, loader: DataLoader, modalities: list[str]) -> dict[str, float]:
+    """Dice on an evaluation set with each single modality as the only input."""
     with torch.no_grad():
         return {m: float(evaluate(model, loader, modalities=[m])["dice"]) for m in modalities}
 
@@ -55,6 +53,9 @@ def cross_modal_summary(out_dir: Path, settings: dict[str, RunSettings]) -> dict
         return {}
     meta = json.loads((any_settings.federation_path / "federation.json").read_text())
     trained_on = {site["name"]: set(site["modalities"]) for site in meta["sites"]}
+    size, vocabulary = any_settings.volume_size, any_settings.vocabulary
+    loaders = {site: DataLoader(load_site(eval_root / site, vocabulary, (size,) * 3)[0], batch_size=4,
+                                collate_fn=collate_patients) for site in trained_on}  # loaded once, for every method
     summary: dict[str, Any] = {}
     for method, run_settings in settings.items():
         if not (Path(out_dir) / method).is_dir():
@@ -62,8 +63,7 @@ def cross_modal_summary(out_dir: Path, settings: dict[str, RunSettings]) -> dict
         sites = {}
         seen, unseen = [], []
         for site in sorted(trained_on):
-            scores = site_cross_modal(final_site_model(run_settings, site), eval_root / site,
-                                      run_settings.volume_size, run_settings.vocabulary)
+            scores = site_cross_modal(final_site_model(run_settings, site), loaders[site], vocabulary)
             sites[site] = scores
             for modality, dice in scores.items():
                 (seen if modality in trained_on[site] else unseen).append(dice)
