@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import SiteDataset, load_site
 from fedpir.models.pir import build_model, objective_for, trainable_groups
-from fedpir.models.warm_start import load_warm_start, record_warm_start
+from fedpir.models.warm_start import record_warm_start
 from fedpir.protocol import EVAL_KEYS
 from fedpir.run_config import RunSettings
 
@@ -64,8 +64,7 @@ class Site:
         self.name = name or Path(data_dir).name
         self.train_set, self.holdout_set, self.modalities = site_data(settings, data_dir, self.name)
         self.model = build_model(settings)
-        if settings.warm_start:
-            load_warm_start(self.model, Path(settings.warm_start), settings.warm_start_sha256)
+        if settings.warm_start:  # build_model started from it, after checking its checksum
             record_warm_start(self.state_dir, settings.warm_start, settings.warm_start_sha256)
         self.local_state_path = self.state_dir / "local_state.pt"
         if self.local_state_path.is_file():

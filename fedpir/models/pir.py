@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from opacus import GradSampleModule
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from fedpir.models.blocks import CNNEncoder, ModalityAdapter, ModalityDecoder, PriorFusion
 from fedpir.models.heads import PooledLinearHead, ProjectionHead, SegmentationHead
+from fedpir.models.warm_start import load_warm_start
 from fedpir.run_config import KEY_POLICIES, RunSettings
 
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -311,7 +313,11 @@ def unwrap(model: nn.Module) -> PIRNet:
 
 
 def build_model(settings: RunSettings) -> PIRNet:
-    """The federation's model for a run's settings, identical at the server and at every site."""
+    """The federation's model for a run's settings, identical at the server and at every site:
+    seeded, then loaded from the run's public warm start when it names one (checksum checked)."""
     torch.manual_seed(settings.seed)
     size = settings.volume_size
-    return PIRNet(PIRConfig(modalities=settings.vocabulary, spatial_size=(size, size, size)))
+    model = PIRNet(PIRConfig(modalities=settings.vocabulary, spatial_size=(size, size, size)))
+    if settings.warm_start:
+        load_warm_start(model, Path(settings.warm_start), settings.warm_start_sha256)
+    return model

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpir.models.pir import build_model
-from fedpir.models.warm_start import load_warm_start
 from fedpir.protocol import EPOCHS_KEY, STAGES
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import Stage, run_federation
@@ -47,8 +45,6 @@ def serve(grid: Grid, settings: RunSettings) -> ArrayRecord:
     """Run the whole federation for ``settings`` (run folder resolved) and export the final global
     model. The server reads no site data: it only sends weights and aggregates replies."""
     model = build_model(settings)
-    if settings.warm_start:
-        load_warm_start(model, Path(settings.warm_start), settings.warm_start_sha256)
     initial = ArrayRecord({k: v for k, v in model.state_dict().items()
                            if k in set(model.federated_keys(settings.key_policy))})
     run_dir = settings.run_path

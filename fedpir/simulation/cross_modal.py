@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 from fedpir.data.dataset import load_site
 from fedpir.models.evaluation import evaluate
 from fedpir.models.pir import PIRNet, build_model
-from fedpir.models.warm_start import load_warm_start
 from fedpir.privacy.dp import collate_patients
 from fedpir.run_config import RunSettings
 from fedpir.synthetic.federation import EVAL_DIR
@@ -29,8 +28,6 @@ from fedpir.synthetic.federation import EVAL_DIR
 def final_site_model(run_settings: RunSettings, site: str) -> PIRNet:
     """A site's model at the end of a run, rebuilt from what the run left on disk."""
     model = build_model(run_settings)
-    if run_settings.warm_start:
-        load_warm_start(model, Path(run_settings.warm_start), run_settings.warm_start_sha256)
     run = run_settings.run_path
     for path in (run / "global_model.pt", run / "pooled_model.pt", run / "sites" / site / "local_state.pt"):
         if path.is_file():

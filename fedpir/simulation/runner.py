@@ -28,7 +28,6 @@ from torch.utils.data import ConcatDataset
 from fedpir.client.site import Site, site_data, summary_metrics
 from fedpir.client.trainer import LocalTrainer
 from fedpir.models.pir import build_model, objective_for, trainable_groups
-from fedpir.models.warm_start import load_warm_start
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
 from fedpir.server.server_app import stages
@@ -84,10 +83,7 @@ def run_centralized(settings: RunSettings) -> None:
     """Centralized reference: one model trained on the pooled training patients of all sites,
     evaluated on each site's held-out patients."""
     data = {name: site_data(settings, settings.federation_path / name, name) for name in site_names(settings)}
-    model = build_model(settings)
-    if settings.warm_start:
-        load_warm_start(model, Path(settings.warm_start), settings.warm_start_sha256)
-    trainer = LocalTrainer.for_run(settings, model, ConcatDataset([d[0] for d in data.values()]),
+    trainer = LocalTrainer.for_run(settings, build_model(settings), ConcatDataset([d[0] for d in data.values()]),
                                    state_dir=settings.run_path / "pooled", seed=settings.seed)
 
     def train(stage: str) -> dict[str, dict[str, float]]:

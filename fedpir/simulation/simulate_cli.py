@@ -71,7 +71,7 @@ def warm_starts(
     from dataclasses import replace
 
     from fedpir.models.pir import build_model
-    from fedpir.models.warm_start import file_sha256, load_warm_start
+    from fedpir.models.warm_start import file_sha256
     from fedpir.simulation.warm_starts import cached_warm_start
 
     if args.warm_start == "none":
@@ -90,7 +90,7 @@ def warm_starts(
         noinv = (str(args.noinv_warm_start.resolve()), file_sha256(args.noinv_warm_start)) if noinv_needed else ("", "")
         for path, sha in (main, noinv):  # a file that does not fit the model stops here, not inside the sites
             if path:
-                load_warm_start(build_model(settings), Path(path), sha)
+                build_model(replace(settings, warm_start=path, warm_start_sha256=sha))
     return replace(settings, warm_start=main[0], warm_start_sha256=main[1]), noinv
 
 
