@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedpir.privacy.at_rest import write_private
+
 RECORD_NAME = "warm_start.json"
 
 
@@ -75,5 +77,4 @@ def load_warm_start(model: nn.Module, path: Path, sha256: str) -> dict[str, Any]
 
 def record_warm_start(state_dir: Path, path: str, sha256: str) -> None:
     """Write which warm start a site started from into its state folder."""
-    record = Path(state_dir) / RECORD_NAME
-    record.write_text(json.dumps({"path": str(path), "sha256": sha256}) + "\n")
+    write_private(Path(state_dir) / RECORD_NAME, (json.dumps({"path": str(path), "sha256": sha256}) + "\n").encode())
