@@ -26,8 +26,8 @@ from fedpir.data.confinement import data_roots_from
 from fedpir.data.dataset import SiteDataset, load_site
 from fedpir.data.patients import PatientDataset, patient_groups
 from fedpir.models.pir import build_model, objective_for, trainable_groups
-from fedpir.models.warm_start import record_warm_start
-from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, load_tensors, private_dir, save_tensors
+from fedpir.models.warm_start import RECORD_NAME, warm_start_record
+from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, load_tensors, private_dir, save_tensors, write_private
 from fedpir.protocol import EVAL_KEYS
 from fedpir.run_config import RunSettings
 
@@ -84,7 +84,7 @@ class Site:
         self.train_set, self.holdout_set, self.modalities = site_data(settings, data_dir, self.name, data_roots)
         self.model = build_model(settings)
         if settings.warm_start:  # build_model started from it, after checking its checksum
-            record_warm_start(self.state_dir, settings.warm_start, settings.warm_start_sha256)
+            write_private(self.state_dir / RECORD_NAME, warm_start_record(settings.warm_start, settings.warm_start_sha256))
         self.local_state_path = self.state_dir / "local_state.pt"
         if self.local_state_path.is_file():
             self.model.load_state_dict(load_tensors(self.local_state_path, cipher), strict=False)
