@@ -141,3 +141,32 @@ def test_wrong_key_on_the_command_line_is_one_line_and_exit_2(tmp_path: Path, sm
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
     assert "cannot be decrypted with the state key" in err
+
+
+def test_site_from_node_config_keeps_its_state_encrypted_across_restarts(small_federation: Path, tmp_path: Path) -> None:
+    """The ClientApp's path (Site.for_node): trained local layers and the signing key are stored
+    encrypted, a restart with the key restores the local layers, another key stops the site."""
+    from fedpir.client.site import Site
+    from fedpir.models.pir import build_model
+    from fedpir.run_config import RunSettings
+
+    vocab = json.loads((small_federation / "federation.json").read_text())["modalities"]
+    settings = RunSettings(volume_size=16, federation_dir=str(small_federation), run_dir=str(tmp_path / "run"),
+                           modalities=",".join(vocab), noise_multiplier=1.0)
+    node = {"state-key-file": str(new_state_key(tmp_path / "keys" / "site.key"))}
+    state = tmp_path / "state"
+    site = Site.for_node(settings, small_federation / "site-0", state, "site-0", node)
+    site.train("pretrain", epochs=1)
+    local = {k: v.clone() for k, v in site.model.state_dict().items() if k not in set(site.sent_keys)}
+    fresh = build_model(settings).state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in local.items())  # training changed the local layers
+    for name in ("local_state.pt", SIGNING_KEY_NAME):
+        assert (state / name).read_bytes().startswith(MAGIC) and mode(state / name) == 0o600, name
+    assert mode(state) == 0o700
+    restarted = Site.for_node(settings, small_federation / "site-0", state, "site-0", node)
+    restored = restarted.model.state_dict()
+    for key, value in local.items():
+        torch.testing.assert_close(restored[key], value)
+    with pytest.raises(StateKeyError, match="cannot be decrypted"):
+        Site.for_node(settings, small_federation / "site-0", state, "site-0",
+                      {"state-key-file": str(new_state_key(tmp_path / "keys" / "other.key"))})
