@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fedpir.client import client_app
 from fedpir.client.client_app import make_client_app
 from fedpir.client.site import Site
 from fedpir.models.pir import build_model
@@ -51,7 +52,7 @@ def write_policy(path: Path, **values) -> Path:
     return path
 
 
-def send(kind: str, settings: RunSettings, site_dir: Path, state: Path, policy: Path | None = None,
+def send(kind: str, settings: RunSettings, site_dir: Path, state: Path | None, policy: Path | None = None,
          arrays: ArrayRecord | None = None) -> Message:
     """One server request, as Flower delivers it to a hospital's node, through the ClientApp."""
     if arrays is None:
@@ -60,7 +61,8 @@ def send(kind: str, settings: RunSettings, site_dir: Path, state: Path, policy: 
         arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in keys})
     content = RecordDict({"arrays": arrays,
                           "config": ConfigRecord({STAGE_KEY: "finetune", ROUND_KEY: 1, EPOCHS_KEY: 1})})
-    node = {"data-dir": str(site_dir), "state-dir": str(state)} | ({"privacy-policy": str(policy)} if policy else {})
+    node = ({"data-dir": str(site_dir)} | ({"state-dir": str(state)} if state else {})
+            | ({"privacy-policy": str(policy)} if policy else {}))
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=settings.to_run_config())
     return APP(Message(content, dst_node_id=1, message_type=kind), context)
 
@@ -170,10 +172,27 @@ def test_a_missing_or_edited_ledger_stops_training(tmp_path: Path, site_dir: Pat
     assert not send("train", settings, site_dir, state).has_error()
 
 
+def test_a_site_another_worker_trained_is_reloaded_not_refused(tmp_path: Path, site_dir: Path) -> None:
+    settings, state = settings_for(tmp_path), tmp_path / "state"
+    assert not send("train", settings, site_dir, state).has_error()
+    this_worker = dict(client_app._SITES)
+    client_app._SITES.clear()  # a second worker process of the same node trains the next round
+    assert not send("train", settings, site_dir, state).has_error()
+    client_app._SITES.update(this_worker)  # back to the first worker, whose copy is a round behind
+    reply = send("train", settings, site_dir, state)
+    assert not reply.has_error()
+    entries = [json.loads(line) for line in (state / LEDGER_NAME).read_text().splitlines()]
+    assert len(entries) == 3 and reply.content["metrics"]["epsilon"] == entries[-1]["epsilon"] > entries[1]["epsilon"]
+    assert verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME)).ok
+
+
 def test_error_replies_carry_a_code_and_no_details(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-site"
     reply = send("train", settings_for(tmp_path), missing, tmp_path / "state")
     assert_refused(reply, SITE_ERROR, str(missing), "no-such-site")
+    # a hospital's node without a state folder of its own would start a fresh ledger in every run folder
+    assert_refused(send("train", settings_for(tmp_path), missing, None), SITE_ERROR)
+    assert not (tmp_path / "run").exists()
 
 
 def test_metrics_not_declared_never_leave() -> None:

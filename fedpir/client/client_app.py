@@ -2,7 +2,7 @@
 
 Node config (``flower-supernode --node-config``), deployment:
     data-dir     the site's folder or manifest (required)
-    state-dir    where local layers and the privacy ledger live (default: under the run folder)
+    state-dir    where local layers and the privacy ledger live (required with data-dir)
     site-name    name reported to the server (default: the data folder's name)
     approved-apps  the hospital's allow-list of FAB hashes (fedpir.deployment.approval; deploy/README.md)
     privacy-policy the hospital's privacy policy file (fedpir.privacy.policy; default: DEFAULT_POLICY;
@@ -28,6 +28,7 @@ from flwr.clientapp.typing import Mod
 from fedpir.client.guard import admit_evaluation, admit_training, answered
 from fedpir.client.site import Site, site_state_dir
 from fedpir.deployment.approval import require_guard_mod
+from fedpir.privacy.budget import PrivacyLedger
 from fedpir.privacy.policy import SitePolicy, check_request, policy_of_node
 from fedpir.privacy.release import release
 from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
@@ -43,10 +44,14 @@ def run_settings(context: Context, settings: RunSettings | None = None) -> RunSe
 
 
 def site_for(context: Context, settings: RunSettings | None = None) -> Site:
-    """The site this node serves (built once per process, data folder and run settings)."""
+    """The site this node serves (built once per process, data folder and run settings, and again when
+    its ledger on disk moved on)."""
     settings = run_settings(context, settings)
     node = dict(context.node_config)
     if "data-dir" in node:
+        if not node.get("state-dir"):  # else the ledger would live in the server's run folder: a new budget per run
+            raise ValueError("node config needs 'state-dir' next to 'data-dir': the site's privacy ledger must "
+                             "outlive every run")
         data_dir = Path(str(node["data-dir"])).expanduser()
         name = str(node.get("site-name", data_dir.name))
     elif "partition-id" in node:
@@ -59,8 +64,12 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
     else:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
     key = (settings, str(data_dir), name)
-    if key not in _SITES:
-        _SITES[key] = Site(settings, data_dir, site_state_dir(settings, name, node.get("state-dir")), name)
+    state_dir = site_state_dir(settings, name, node.get("state-dir"))
+    cached = _SITES.get(key)
+    # Another process of this node (Flower's simulation spreads a node's messages over its workers) may
+    # have trained since: then this process' copy is behind the (verified) ledger on disk and is rebuilt.
+    if cached is None or PrivacyLedger.in_dir(state_dir).extends(cached.trainer.ledger):
+        _SITES[key] = Site(settings, data_dir, state_dir, name)
     return _SITES[key]
 
 

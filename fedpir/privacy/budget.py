@@ -162,6 +162,11 @@ class PrivacyLedger:
         self.entries.append(entry)
         self.last_hash = entry_hash(entry)
 
+    def extends(self, other: PrivacyLedger) -> bool:
+        """Whether this ledger holds all of ``other``'s entries and more (``other`` is an older copy)."""
+        n = len(other.entries)
+        return len(self.entries) > n and (n == 0 or entry_hash(self.entries[n - 1]) == other.last_hash)
+
     @property
     def private_entries(self) -> list[dict[str, Any]]:
         """Entries of DP rounds."""
