@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from fedpir.cli import main
 from fedpir.client import client_app
 from fedpir.client.client_app import make_client_app
 from fedpir.client.site import Site
@@ -134,7 +135,8 @@ def test_a_request_inside_the_policy_trains_and_sends_only_shared_weights(tmp_pa
     assert entry["policy_sha256"] == load_policy(policy).sha256 and entry["site_budget"] == 6.0
 
 
-def test_the_budget_is_bound_to_the_ledger_and_only_lowers(tmp_path: Path, site_dir: Path) -> None:
+def test_the_budget_is_bound_to_the_ledger_and_only_lowers(tmp_path: Path, site_dir: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
     state, policy = tmp_path / "state", tmp_path / "policy.toml"
     write_policy(policy, **{"max-epsilon": 6.0})
     assert not send("train", settings_for(tmp_path, "run1", epsilon_budget=6.0), site_dir, state, policy).has_error()
@@ -153,6 +155,14 @@ def test_the_budget_is_bound_to_the_ledger_and_only_lowers(tmp_path: Path, site_
     assert [e["site_budget"] for e in entries] == [6.0, 5.0] == [e["epsilon_budget"] for e in entries]
     result = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME))
     assert result.ok, [f.line("ledger") for f in result.failures]
+    # the admin's view: the policy in force, its hash, and the budget the ledger binds
+    capsys.readouterr()
+    assert main(["site", "policy", str(policy), "--state", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert load_policy(policy).sha256 in out and "site budget epsilon 5 (policy 6.0, ledger 5.0)" in out
+    (state / LEDGER_NAME).write_text((state / LEDGER_NAME).read_text().replace('"site_budget": 5.0', '"site_budget": 9.0'))
+    assert main(["site", "policy", str(policy), "--state", str(state)]) == 2
+    assert "entry 2 breaks the signature rule" in capsys.readouterr().err
 
 
 def test_a_missing_or_edited_ledger_stops_training(tmp_path: Path, site_dir: Path) -> None:

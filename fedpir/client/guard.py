@@ -21,7 +21,7 @@ from flwr.app import Context, Error, Message
 from fedpir.client.site import Site
 from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyLedger
 from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_plan, site_budget
-from fedpir.privacy.release import RELEASE_OBJECTIVE, EvaluationAllowance
+from fedpir.privacy.release import EvaluationAllowance, training_entries
 from fedpir.protocol import (
     BUDGET_EXHAUSTED,
     LEDGER_UNTRUSTED,
@@ -89,13 +89,9 @@ def admit_training(policy: SitePolicy, site: Site, epochs: int) -> None:
                    noise_multiplier=trainer.plan(epochs).noise_multiplier)
 
 
-def trained_rounds(ledger: PrivacyLedger) -> int:
-    """Local training rounds in a ledger (metric releases are no rounds)."""
-    return sum(1 for e in ledger.entries if e.get("objective") != RELEASE_OBJECTIVE)
-
-
 def admit_evaluation(policy: SitePolicy, site: Site) -> None:
     """Raise unless the site may answer an evaluate request now (ledger, rate limit)."""
     _bind(site, policy)
-    if not EvaluationAllowance(site.state_dir, policy.evaluations_per_round).take(trained_rounds(site.trainer.ledger)):
+    rounds = len(training_entries(site.trainer.ledger.entries))
+    if not EvaluationAllowance(site.state_dir, policy.evaluations_per_round).take(rounds):
         raise RateLimited(f"more than {policy.evaluations_per_round} evaluation(s) since the last training round")

@@ -51,16 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ledger_summary(state_dir: Path) -> dict[str, Any]:
-    """Rounds and privacy spent, from the state folder's ``privacy_ledger.jsonl``."""
+    """Training rounds, noised metric releases and privacy spent, from the state folder's ``privacy_ledger.jsonl``."""
     path = state_dir / "privacy_ledger.jsonl"
     if not state_dir.is_dir():
         raise OSError(f"state folder {state_dir} does not exist")
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    private = [e for e in entries if e.get("dp")]
+    from fedpir.privacy.release import training_entries
+
+    everything = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    private = [e for e in everything if e.get("dp")]
+    entries = training_entries(everything)
     last = entries[-1] if entries else {}
     return {
         "rounds": len(entries),
-        "private_rounds": len(private),
+        "private_rounds": sum(1 for e in entries if e.get("dp")),
+        "metric_releases": len(everything) - len(entries),
         "last_round": {k: last.get(k) for k in ("objective", "epsilon", "n_patients", "completed")} | {
             "time": dt.datetime.fromtimestamp(last["timestamp"], dt.UTC).isoformat(timespec="seconds")
             if "timestamp" in last else None} if last else None,

@@ -32,6 +32,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -147,6 +148,11 @@ def _noised(values: dict[str, tuple[float, MetricSpec]], policy: SitePolicy, n_p
         noisy = min(max(value, spec.low), spec.high) + rng.normal(0.0, sigma * spec.sensitivity(n_patients))
         out[name] = float(min(max(noisy, spec.low), spec.high))  # post-processing: no privacy cost
     return out
+
+
+def training_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ledger entries of local training rounds (metric releases are no rounds)."""
+    return [e for e in entries if e.get("objective") != RELEASE_OBJECTIVE]
 
 
 class EvaluationAllowance:
