@@ -95,6 +95,8 @@ def test_policy_files_load_and_name_unknown_keys(tmp_path: Path) -> None:
     assert policy.max_epsilon == 3.0 and policy.key_policies == ("fedpir", "fedbn") and policy.metrics == {"psnr": "noise"}
     (tmp_path / "p.json").write_text(json.dumps(policy.to_mapping()))
     assert load_policy(tmp_path / "p.json") == policy and policy.sha256 != DEFAULT_POLICY.sha256
+    example = load_policy(Path(__file__).parents[1] / "deploy" / "privacy_policy.example.toml")
+    assert example.max_epsilon == 4.0 and example.metrics["loss_"] == "drop"
     with pytest.raises(ValueError, match="unknown key 'max-epsilom'"):
         load_policy(write_policy(tmp_path / "bad.toml", **{"max-epsilom": 3.0}))
     with pytest.raises(ValueError, match="metric modes"):

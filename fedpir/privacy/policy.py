@@ -70,8 +70,9 @@ class SitePolicy:
         evaluations_per_round: evaluate requests answered per local training round.
         metric_noise_multiplier: Gaussian noise (in units of a metric's sensitivity) of the
             metrics released in ``noise`` mode.
-        metrics: per patient-derived metric, how it may leave (:data:`METRIC_MODES`); metrics not
-            named here take the declared default of :data:`fedpir.privacy.release.METRICS`.
+        metrics: per patient-derived metric, how it may leave (:data:`METRIC_MODES`): by name
+            (``dice``), by declared prefix (``loss_``: every training loss term) or ``*`` (all);
+            metrics not named take the declared default of :data:`fedpir.privacy.release.METRICS`.
     """
 
     dp_required: bool = True
