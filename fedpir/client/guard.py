@@ -1,13 +1,12 @@
 """The site's side of every server request: admitted under the site's privacy policy, or refused.
 
 The ClientApp checks the run settings against the policy (:func:`fedpir.privacy.policy.check_request`)
-before it builds the site; :func:`admit_training` and :func:`admit_evaluation` then run before a
-request touches the model: the ledger on disk against
-the one the site wrote (a missing or altered ledger stops the site), the site's budget bound to the
-ledger (it only lowers), the round's planned noise, and the evaluation rate limit. :func:`answered`
-turns every exception of a handler into an error reply with a code and a generic reason from
-:data:`fedpir.protocol.SITE_ERRORS`; the exception's text (values, paths, labels) goes to the site's
-log only, and nothing else leaves.
+before it builds the site; :func:`admit_training` and :func:`admit_evaluation` then check, before the
+request touches the model, the ledger on disk against the one the site wrote (a missing or altered
+ledger stops the site), bind the site's budget to the ledger (it only lowers), and check the round's
+planned noise or the evaluation rate limit. :func:`answered` turns every exception of a handler into
+an error reply with a code and a generic reason from :data:`fedpir.protocol.SITE_ERRORS`; the
+exception's text (values, paths, labels) goes to the site's log only, and nothing else leaves.
 """
 
 from __future__ import annotations
@@ -38,11 +37,14 @@ class RateLimited(Exception):
     """An evaluate request beyond the policy's evaluations per training round."""
 
 
+_CODES: dict[type[Exception], int] = {PolicyViolation: POLICY_REFUSED, RateLimited: RATE_LIMITED,
+                                     BudgetExceededError: BUDGET_EXHAUSTED, LedgerError: LEDGER_UNTRUSTED}
+
+
 def error_reply(msg: Message, err: BaseException) -> Message:
     """The error reply of a request that failed with ``err``: a code and its generic reason
     (plus the rule's name for a policy refusal); the details go to the site's log."""
-    code = {PolicyViolation: POLICY_REFUSED, RateLimited: RATE_LIMITED, BudgetExceededError: BUDGET_EXHAUSTED,
-            LedgerError: LEDGER_UNTRUSTED}.get(type(err), SITE_ERROR)
+    code = next((c for kind, c in _CODES.items() if isinstance(err, kind)), SITE_ERROR)
     reason = SITE_ERRORS[code] + (f" (rule {err.rule})" if isinstance(err, PolicyViolation) else "")
     kind = msg.metadata.message_type
     if code == SITE_ERROR:

@@ -6,23 +6,14 @@ hospital's node that names none gets :data:`DEFAULT_POLICY` (DP required, epsilo
 keys only, secret noise, patient-derived metrics rounded or dropped, one evaluation per training
 round); the simulation engine's nodes (synthetic sites) get :data:`RESEARCH_POLICY`.
 
-The file is TOML (``.toml``) or JSON, with the hyphenated keys of :class:`SitePolicy`::
+The file is TOML (``.toml``) or JSON, with the hyphenated keys of :class:`SitePolicy`; an annotated
+example is ``deploy/privacy_policy.example.toml``.
 
-    dp-required = true
-    max-epsilon = 4.0
-    max-delta = 1e-5
-    min-noise-multiplier = 0.8
-    key-policies = ["fedpir"]
-    secret-noise-required = true
-    evaluations-per-round = 1
-    metric-noise-multiplier = 20.0
-    [metrics]            # patient-derived metrics: "drop", "round" or "noise" (fedpir.privacy.release)
-    dice = "noise"
-    loss = "drop"
-
-Every training request (the run settings of a round) is checked with :func:`check_request`; a request
-outside the policy raises :class:`PolicyViolation` naming the rule, and the site replies with that
-rule only. The policy's SHA-256 (:attr:`SitePolicy.sha256`) is recorded in every ledger entry.
+Every request (the run settings a round uses) is checked with :func:`check_request` and, once the
+site's ledger and data are known, :func:`check_plan`; a request outside the policy raises
+:class:`PolicyViolation` naming the rule, and the site replies with that rule only. The policy's
+SHA-256 (:attr:`SitePolicy.sha256`) and the site's budget (:func:`site_budget`) are recorded in
+every ledger entry.
 """
 
 from __future__ import annotations
