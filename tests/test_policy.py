@@ -82,10 +82,10 @@ def site_dir(small_federation: Path) -> Path:
     return small_federation / "site-0"
 
 
-def assert_refused(reply: Message, code: int, *secrets: str) -> None:
+def assert_refused(reply: Message, code: int, *hidden: str) -> None:
     assert reply.has_error() and not reply.has_content(), "a refusal carries nothing but the error"
     assert reply.error.code == code
-    assert all(s not in reply.error.reason for s in secrets), reply.error.reason
+    assert all(text not in reply.error.reason for text in hidden), reply.error.reason
 
 
 def test_policy_files_load_and_name_unknown_keys(tmp_path: Path) -> None:
