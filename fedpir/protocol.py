@@ -4,7 +4,10 @@ The server sends a ConfigRecord ``config`` with :data:`STAGE_KEY` (the federatio
 round), :data:`ROUND_KEY`, :data:`EPOCHS_KEY` and, with FedProx, :data:`PROXIMAL_MU_KEY`. A site
 replies with the shared arrays (train only), a MetricRecord ``metrics`` holding
 :data:`NUM_EXAMPLES_KEY`, the scalar metrics of its round and one :func:`has_modality_key` flag per
-vocabulary modality, and a ConfigRecord ``site`` with its name.
+vocabulary modality, and a ConfigRecord ``site`` with its name; only the metrics declared in
+:mod:`fedpir.privacy.release` leave, as the site's privacy policy says. A request the site does not
+answer gets an error reply: one of the :data:`SITE_ERRORS` codes and its generic reason (the details
+stay in the site's log).
 """
 
 from __future__ import annotations
@@ -24,3 +27,14 @@ EVAL_KEYS: tuple[str, ...] = ("psnr", "ssim", "dice", "accuracy", "auroc", "loss
 def has_modality_key(modality: str) -> str:
     """The MetricRecord key a site uses to say whether it holds ``modality``."""
     return f"{HAS_MODALITY_PREFIX}{modality}"
+
+
+#: Error codes of a site's error replies (Flower's own codes are below 100) and their generic reasons.
+SITE_ERROR, POLICY_REFUSED, RATE_LIMITED, BUDGET_EXHAUSTED, LEDGER_UNTRUSTED = 1000, 1001, 1002, 1003, 1004
+SITE_ERRORS: dict[int, str] = {
+    SITE_ERROR: "the site could not complete the request; details are in the site's log",
+    POLICY_REFUSED: "refused by the site's privacy policy",
+    RATE_LIMITED: "evaluation refused: the site's privacy policy limits evaluations per training round",
+    BUDGET_EXHAUSTED: "refused: the round would exceed the site's privacy budget",
+    LEDGER_UNTRUSTED: "training stopped: the site's privacy ledger does not verify; the site's admin must act",
+}

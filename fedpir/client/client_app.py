@@ -2,11 +2,16 @@
 
 Node config (``flower-supernode --node-config``), deployment:
     data-dir     the site's folder or manifest (required)
-    state-dir    where local layers and the privacy ledger live (default: under the run folder)
+    state-dir    where local layers and the privacy ledger live (required with data-dir)
     state-key-file / state-key-env  the key that encrypts the state at rest (fedpir.privacy.at_rest)
     data-roots   folders outside data-dir the manifest may point into (fedpir.data.confinement)
     site-name    name reported to the server (default: the data folder's name)
     approved-apps  the hospital's allow-list of FAB hashes (fedpir.deployment.approval; deploy/README.md)
+    privacy-policy the hospital's privacy policy file (fedpir.privacy.policy; default: DEFAULT_POLICY;
+                   the simulation engine's synthetic sites: RESEARCH_POLICY)
+Every request is checked against the site's policy before it touches the model, only the metrics
+the policy releases leave (fedpir.privacy.release), and a refused or failed request is answered
+with an error code and a generic reason (fedpir.client.guard).
 Simulation (Flower's simulation engine sets ``partition-id``): the node serves ``site-<id>`` of the
 run's federation folder; without a configured ``federation-dir`` the simulation side
 (:func:`fedpir.simulation.prepare.synthetic_federation`) writes the synthetic federation of the
@@ -22,8 +27,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedpir.client.guard import admit_evaluation, admit_training, answered
 from fedpir.client.site import Site, site_state_dir
 from fedpir.deployment.approval import require_guard_mod
+from fedpir.privacy.budget import PrivacyLedger
+from fedpir.privacy.policy import SitePolicy, check_request, policy_of_node
+from fedpir.privacy.release import release
 from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
 from fedpir.run_config import RunSettings
 
@@ -37,10 +46,14 @@ def run_settings(context: Context, settings: RunSettings | None = None) -> RunSe
 
 
 def site_for(context: Context, settings: RunSettings | None = None) -> Site:
-    """The site this node serves (built once per process, data folder and run settings)."""
+    """The site this node serves (built once per process, data folder and run settings, and again when
+    its ledger on disk moved on)."""
     settings = run_settings(context, settings)
     node = dict(context.node_config)
     if "data-dir" in node:
+        if not node.get("state-dir"):  # else the ledger would live in the server's run folder: a new budget per run
+            raise ValueError("node config needs 'state-dir' next to 'data-dir': the site's privacy ledger must "
+                             "outlive every run")
         data_dir = Path(str(node["data-dir"])).expanduser()
         name = str(node.get("site-name", data_dir.name))
     elif "partition-id" in node:
@@ -53,15 +66,23 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
     else:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
     key = (settings, str(data_dir), name)
-    if key not in _SITES:
-        _SITES[key] = Site.for_node(settings, data_dir, site_state_dir(settings, name, node.get("state-dir")), name, node)
+    state_dir = site_state_dir(settings, name, node.get("state-dir"))
+    cached = _SITES.get(key)
+    # Another process of this node (Flower's simulation spreads a node's messages over its workers) may
+    # have trained since: then this process' copy is behind the (verified) ledger on disk and is rebuilt.
+    if cached is None or PrivacyLedger.in_dir(state_dir).extends(cached.trainer.ledger):
+        _SITES[key] = Site.for_node(settings, data_dir, state_dir, name, node)
     return _SITES[key]
 
 
-def _reply(msg: Message, site: Site, metrics: dict[str, float], n: int, arrays: ArrayRecord | None) -> Message:
+def _reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int,
+           arrays: ArrayRecord | None) -> Message:
+    """The reply: the metrics the policy releases (computed over ``n`` patients), the site's name, ``arrays``."""
     flags = {has_modality_key(m): float(m in site.modalities) for m in site.settings.vocabulary}
+    released = release({**metrics, **flags, NUM_EXAMPLES_KEY: n}, policy, n_patients=n, budget=site.trainer.budget,
+                       message=msg.metadata.message_type)
     content = RecordDict({
-        "metrics": MetricRecord({**metrics, **flags, NUM_EXAMPLES_KEY: n}),
+        "metrics": MetricRecord(released),
         "site": ConfigRecord({"name": site.name}),
     })
     if arrays is not None:
@@ -69,28 +90,39 @@ def _reply(msg: Message, site: Site, metrics: dict[str, float], n: int, arrays: 
     return Message(content=content, reply_to=msg)
 
 
+def admitted_site(context: Context, settings: RunSettings | None) -> tuple[Site, SitePolicy]:
+    """The site of this node and its privacy policy, once the run's settings passed the policy."""
+    policy = policy_of_node(dict(context.node_config))
+    check_request(policy, run_settings(context, settings))  # before the site is built
+    return site_for(context, settings), policy
+
+
 def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None = None) -> ClientApp:
     """A ClientApp; ``settings`` fixes the run settings (else they come from Flower's run config)."""
     app = ClientApp(mods=mods or [])
 
     @app.train()
+    @answered
     def train(msg: Message, context: Context) -> Message:
         """Load the global shared weights, train locally under DP, reply with the shared weights only."""
-        site = site_for(context, settings)
+        site, site_policy = admitted_site(context, settings)
         config = msg.content["config"]
+        epochs = int(config.get(EPOCHS_KEY, site.settings.local_epochs))
+        admit_training(site_policy, site, epochs)
         site.load_global(msg.content["arrays"].to_torch_state_dict())
-        metrics = site.train(str(config[STAGE_KEY]), epochs=int(config.get(EPOCHS_KEY, site.settings.local_epochs)),
-                             proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
-        return _reply(msg, site, metrics, len(site.train_set), ArrayRecord(site.sent_state()))
+        metrics = site.train(str(config[STAGE_KEY]), epochs=epochs, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
+        return _reply(msg, site, site_policy, metrics, len(site.train_set), ArrayRecord(site.sent_state()))
 
     @app.evaluate()
+    @answered
     def evaluate(msg: Message, context: Context) -> Message:
         """Evaluate the global weights (with this site's local layers) on its held-out patients."""
-        site = site_for(context, settings)
+        site, site_policy = admitted_site(context, settings)
+        admit_evaluation(site_policy, site)
         site.load_global(msg.content["arrays"].to_torch_state_dict())
         with torch.no_grad():
             metrics = site.evaluate(str(msg.content["config"][STAGE_KEY]))
-        return _reply(msg, site, metrics, len(site.holdout_set), None)
+        return _reply(msg, site, site_policy, metrics, len(site.holdout_set), None)
 
     return app
 

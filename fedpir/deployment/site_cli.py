@@ -4,12 +4,17 @@
     fedpir site withdraw LIST SHA256
     fedpir site status --state DIR [--data DIR] [--approved-apps LIST] [--json]
     fedpir site state-key FILE
+    fedpir site policy [FILE] [--state DIR]
 
 ``approve`` adds a FAB hash to the allow-list the node config names (``approved-apps=LIST``; see
 fedpir.deployment.approval). ``status`` reads only local files: the privacy ledger of the state
 folder (rounds, epsilon spent of the budget), how the state is stored at rest (encrypted or not,
 permissions), the data folder's validation, the approved hashes. ``state-key`` makes a key that
 encrypts the state at rest (node config ``state-key-file``; see fedpir.privacy.at_rest).
+``policy`` prints the privacy policy a node config names (``privacy-policy=FILE``; none: the safe
+default) with its SHA-256, the hash every ledger entry records; with ``--state`` it verifies the
+ledger (chain and signatures) and prints the site's budget, which the ledger binds (exit 2 with the
+reason when the ledger does not verify: training is stopped until the admin acts).
 """
 
 from __future__ import annotations
@@ -52,19 +57,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st.add_argument("--json", action="store_true", help="one JSON object")
     sk = sub.add_parser("state-key", help="make a key that encrypts the node's state at rest (node config state-key-file)")
     sk.add_argument("file", type=Path, metavar="FILE", help="where to write it (0600; kept outside the state folder)")
+    po = sub.add_parser("policy", help="the node's privacy policy, its SHA-256 and (--state) the site's bound budget")
+    po.add_argument("file", type=Path, nargs="?", help="the privacy-policy file of the node config (none: the default)")
+    po.add_argument("--state", type=Path, help="the node's state-dir: verify its ledger, print the site's budget")
 
 
 def ledger_summary(state_dir: Path) -> dict[str, Any]:
-    """Rounds and privacy spent, from the state folder's ``privacy_ledger.jsonl``."""
+    """Training rounds, noised metric releases and privacy spent, from the state folder's ``privacy_ledger.jsonl``."""
     path = state_dir / "privacy_ledger.jsonl"
     if not state_dir.is_dir():
         raise OSError(f"state folder {state_dir} does not exist")
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    private = [e for e in entries if e.get("dp")]
+    from fedpir.privacy.release import training_entries
+
+    everything = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    private = [e for e in everything if e.get("dp")]
+    entries = training_entries(everything)
     last = entries[-1] if entries else {}
     return {
         "rounds": len(entries),
-        "private_rounds": len(private),
+        "private_rounds": sum(1 for e in entries if e.get("dp")),
+        "metric_releases": len(everything) - len(entries),
         "last_round": {k: last.get(k) for k in ("objective", "epsilon", "n_patients", "completed")} | {
             "time": dt.datetime.fromtimestamp(last["timestamp"], dt.UTC).isoformat(timespec="seconds")
             if "timestamp" in last else None} if last else None,
@@ -104,6 +116,29 @@ def at_rest_lines(at_rest: dict[str, Any]) -> list[str]:
     return lines
 
 
+def print_policy(file: Path | None, state_dir: Path | None) -> None:
+    """Print a policy (the default without ``file``), its SHA-256 and, with ``state_dir``, the site's
+    budget as its verified ledger binds it (LedgerError, a ValueError, when the ledger does not verify)."""
+    from fedpir.privacy.budget import PrivacyLedger
+    from fedpir.privacy.policy import DEFAULT_POLICY, load_policy, recorded_budget, site_budget
+    from fedpir.privacy.release import METRICS, mode_of
+
+    if state_dir is not None and not state_dir.is_dir():
+        raise OSError(f"state folder {state_dir} does not exist")
+    policy = load_policy(file) if file else DEFAULT_POLICY
+    print(f"privacy policy: {file or 'default (the node config names none)'}")
+    print(json.dumps(policy.to_mapping(), indent=1))
+    print(f"sha256: {policy.sha256}")
+    print("released metrics: " + ", ".join(f"{name}{'*' if name[-1] in '._' else ''} {mode_of(policy, name, spec)}"
+                                            for name, spec in METRICS.items()))
+    if state_dir is not None:
+        ledger = PrivacyLedger.in_dir(state_dir)
+        recorded = recorded_budget(ledger)
+        budget = site_budget(policy, ledger, float("nan"))
+        print(f"ledger: {len(ledger.entries)} entries, chain and signatures verified; site budget epsilon "
+              f"{budget:g} (policy {policy.max_epsilon}, ledger {recorded if recorded is not None else 'none yet'})")
+
+
 def run(args: argparse.Namespace) -> int:
     """Do the action; print the result."""
     if args.action == "approve":
@@ -117,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "withdraw":
         removed = approval.withdraw(args.list, args.hash)
         print(f"{'withdrawn' if removed else 'was not approved'}: {args.hash} ({args.list})")
+    elif args.action == "policy":
+        print_policy(args.file, args.state)
     else:
         report = status(args.state, args.data, args.approved_apps)
         if args.json:

@@ -83,6 +83,8 @@ class PrivacyLedger:
         self._key: Ed25519PrivateKey | None = Ed25519PrivateKey.generate() if self.path is None else None
         self.entries: list[dict[str, Any]] = []
         self.last_hash = GENESIS
+        #: Fields stamped on every new entry (the site's policy hash and budget: fedpir.privacy.policy).
+        self.stamp: dict[str, Any] = {}
         if self.path is None or not self.path.exists():
             return
         lines: list[tuple[int, dict[str, Any]]] = []
@@ -157,7 +159,7 @@ class PrivacyLedger:
 
     def append(self, entry: dict[str, Any]) -> None:
         """Add one round, chained and signed; written and fsynced before returning."""
-        entry = seal({"timestamp": time.time(), **entry}, self.last_hash, self._signing_key())
+        entry = seal({"timestamp": time.time(), **self.stamp, **entry}, self.last_hash, self._signing_key())
         if self.path is not None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             os.fchmod(fd, 0o600)  # also a ledger written before state files were private
@@ -167,6 +169,11 @@ class PrivacyLedger:
                 os.fsync(fh.fileno())
         self.entries.append(entry)
         self.last_hash = entry_hash(entry)
+
+    def extends(self, other: PrivacyLedger) -> bool:
+        """Whether this ledger holds all of ``other``'s entries and more (``other`` is an older copy)."""
+        n = len(other.entries)
+        return len(self.entries) > n and (n == 0 or entry_hash(self.entries[n - 1]) == other.last_hash)
 
     @property
     def private_entries(self) -> list[dict[str, Any]]:
@@ -250,6 +257,13 @@ class PrivacyBudget:
                 spent=self.spent(), would_reach=reach, budget=self.epsilon_budget, delta=self.delta
             )
         return reach
+
+    def spend(self, plan: RoundPlan, *, objective: str, **extra: Any) -> dict[str, Any]:
+        """Account a mechanism that is no training step (a noised metric: ``plan`` at sample rate 1):
+        refused past the budget (BudgetExceededError), else counted and recorded before it runs."""
+        self.check(plan)
+        self.accountant.history = _compose(self.accountant.history, plan)
+        return self.record(objective=objective, plan=plan, steps=plan.steps, **extra)
 
     def record(self, *, objective: str, plan: RoundPlan, steps: int, **extra: Any) -> dict[str, Any]:
         """Write the ledger entry of a private round whose ``steps`` the accountant has counted."""

@@ -1,0 +1,99 @@
+"""The site's side of every server request: admitted under the site's privacy policy, or refused.
+
+The ClientApp checks the run settings against the policy (:func:`fedpir.privacy.policy.check_request`)
+before it builds the site; :func:`admit_training` and :func:`admit_evaluation` then check, before the
+request touches the model, the ledger on disk against the one the site wrote (a missing or altered
+ledger stops the site), bind the site's budget to the ledger (it only lowers), and check the round's
+planned noise or the evaluation rate limit. :func:`answered` turns every exception of a handler into
+an error reply with a code and a generic reason from :data:`fedpir.protocol.SITE_ERRORS`; the
+exception's text (values, paths, labels) goes to the site's log only, and nothing else leaves.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+from flwr.app import Context, Error, Message
+
+from fedpir.client.site import Site
+from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyLedger
+from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_plan, site_budget
+from fedpir.privacy.release import EvaluationAllowance, training_entries
+from fedpir.protocol import (
+    BUDGET_EXHAUSTED,
+    LEDGER_UNTRUSTED,
+    POLICY_REFUSED,
+    RATE_LIMITED,
+    SITE_ERROR,
+    SITE_ERRORS,
+)
+
+log = logging.getLogger("fedpir.client")
+
+
+class RateLimited(Exception):
+    """An evaluate request beyond the policy's evaluations per training round."""
+
+
+_CODES: dict[type[Exception], int] = {PolicyViolation: POLICY_REFUSED, RateLimited: RATE_LIMITED,
+                                     BudgetExceededError: BUDGET_EXHAUSTED, LedgerError: LEDGER_UNTRUSTED}
+
+
+def error_reply(msg: Message, err: BaseException) -> Message:
+    """The error reply of a request that failed with ``err``: a code and its generic reason
+    (plus the rule's name for a policy refusal); the details go to the site's log."""
+    code = next((c for kind, c in _CODES.items() if isinstance(err, kind)), SITE_ERROR)
+    reason = SITE_ERRORS[code] + (f" (rule {err.rule})" if isinstance(err, PolicyViolation) else "")
+    kind = msg.metadata.message_type
+    if code == SITE_ERROR:
+        log.exception("%s request failed; the server is told only error %d", kind, code, exc_info=err)
+    else:
+        log.warning("%s request refused (error %d): %s", kind, code, err)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def answered(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A ClientApp handler whose exceptions become :func:`error_reply` replies."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:  # noqa: BLE001 - every failure leaves as a code and a generic reason
+            return error_reply(msg, err)
+
+    return wrapped
+
+
+def _bind(site: Site, policy: SitePolicy) -> None:
+    """Check the ledger on disk is the one the site wrote; bind the site's budget and stamp entries."""
+    ledger = site.trainer.ledger
+    on_disk = PrivacyLedger.in_dir(site.state_dir)  # LedgerError if missing with trained state, or altered
+    if on_disk.last_hash != ledger.last_hash:
+        raise LedgerError(f"{site.state_dir}: the privacy ledger on disk ({len(on_disk.entries)} entries) is not the "
+                          f"one this site wrote ({len(ledger.entries)} entries): removed, replaced or cut; restore it "
+                          "before training (fedpir audit verify)")
+    budget = site.trainer.budget
+    if budget is not None:
+        budget.epsilon_budget = site_budget(policy, ledger, site.settings.epsilon_budget)
+    ledger.stamp = {"policy_sha256": policy.sha256, "site_budget": budget.epsilon_budget if budget else None}
+
+
+def admit_training(policy: SitePolicy, site: Site, epochs: int) -> None:
+    """Raise unless the site may train a round of ``epochs`` epochs (the request itself passed
+    :func:`~fedpir.privacy.policy.check_request` before the site was built)."""
+    _bind(site, policy)
+    trainer = site.trainer
+    if trainer.budget is not None:
+        check_plan(policy, site.settings, budget=trainer.budget.epsilon_budget, delta=trainer.delta,
+                   noise_multiplier=trainer.plan(epochs).noise_multiplier)
+
+
+def admit_evaluation(policy: SitePolicy, site: Site) -> None:
+    """Raise unless the site may answer an evaluate request now (ledger, rate limit)."""
+    _bind(site, policy)
+    rounds = len(training_entries(site.trainer.ledger.entries))
+    if not EvaluationAllowance(site.state_dir, policy.evaluations_per_round).take(rounds):
+        raise RateLimited(f"more than {policy.evaluations_per_round} evaluation(s) since the last training round")
