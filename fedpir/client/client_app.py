@@ -13,14 +13,17 @@ run's settings first. A deployed SuperNode never takes that path.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common.constant import ErrorCode
 
-from fedpir.client.site import Site, site_state_dir
+from fedpir.client.site import Site, SiteDataError, site_state_dir
 from fedpir.deployment.approval import require_guard_mod
 from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
 from fedpir.run_config import RunSettings
@@ -67,9 +70,20 @@ def _reply(msg: Message, site: Site, metrics: dict[str, float], n: int, arrays: 
     return Message(content=content, reply_to=msg)
 
 
+def site_error_mod(msg: Message, context: Context, call_next) -> Message:
+    """A site that cannot serve (:class:`~fedpir.client.site.SiteDataError`) answers with a one-line
+    error reply, also written to the node's log, instead of a traceback; the run goes on without it."""
+    try:
+        return call_next(msg, context)
+    except SiteDataError as err:
+        print(f"fedpir: {err}", file=sys.stderr)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg)
+
+
 def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None = None) -> ClientApp:
-    """A ClientApp; ``settings`` fixes the run settings (else they come from Flower's run config)."""
-    app = ClientApp(mods=mods or [])
+    """A ClientApp; ``settings`` fixes the run settings (else they come from Flower's run config);
+    ``mods`` run before :func:`site_error_mod`."""
+    app = ClientApp(mods=[*(mods or []), site_error_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
