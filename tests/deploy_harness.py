@@ -176,9 +176,9 @@ class LoopbackDeployment:
         self.node_ids[hospital] = node_id
         return node_id
 
-    def run_status(self, run: Proc) -> dict:
-        """``flwr ls`` of the run a ``flwr run`` process started (its status, status details, ...)."""
-        run_id = re.search(r"Successfully started run (\d+)", run.output()).group(1)
+    def run_status(self, flwr_run_output: str) -> dict:
+        """``flwr ls`` of the run a ``flwr run`` started, given its output (status, status details, ...)."""
+        run_id = re.search(r"Successfully started run (\d+)", flwr_run_output).group(1)
         res = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json")
         assert res.returncode == 0, res.stdout
         return json.loads(res.stdout[res.stdout.index("{"):])["runs"][0]

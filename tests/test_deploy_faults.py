@@ -106,9 +106,9 @@ def test_superlink_killed_mid_run_then_a_new_flwr_run_resumes_from_the_last_chec
     assert [r["round"] for r in rows[resume[0]:] if r["kind"] == "train-aggregate"] == [2]
     assert [r["round"] for r in rows[:resume[0]] if r["kind"] == "train-aggregate"] == [1]
     assert (run_dir / "global_model.pt").stat().st_size > 0
-    interrupted = dep.run_status(run)  # the SuperLink fails it once its ServerApp's heartbeats are overdue
+    interrupted = dep.run_status(run.output())  # the SuperLink fails it once its ServerApp's heartbeats are overdue
     assert interrupted["status"] == "finished:failed", interrupted
-    assert dep.run_status(resumed)["status"] == "finished:completed"
+    assert dep.run_status(resumed.output())["status"] == "finished:completed"
 
 
 def test_a_node_killed_mid_run_leaves_the_run_to_the_others(deployment: LoopbackDeployment) -> None:

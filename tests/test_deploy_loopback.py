@@ -123,6 +123,11 @@ def test_unapproved_app_is_refused_with_its_hash(deployment: LoopbackDeployment)
         assert f"FAB hash {dep.fab_hash} is not approved" in (dep.root / "logs" / f"{h}.log").read_text()
     assert "does not run the fedpir approval guard" in errors[str(dep.node_ids["unguarded"])]
     assert not [r for r in rows if r["kind"] == "train"]
+    # a round without any usable update stops the run: no model nobody trained, a failed run
+    assert [r["round"] for r in rows if r["kind"] == "round-failed"] == [1]
+    assert "round 1 (pretrain): too few usable updates to aggregate" in res.stdout
+    assert not (run_dir / "global_model.pt").exists()
+    assert dep.run_status(res.stdout)["status"] == "finished:failed"
 
 
 def test_unregistered_node_key_is_refused(deployment: LoopbackDeployment) -> None:
