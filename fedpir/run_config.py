@@ -8,6 +8,7 @@ checks that pyproject.toml lists the same keys and values.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ class RunSettings:
     run_dir: str = ""  # empty: a new folder RUNS_ROOT/run-<Flower run id> (see with_run_folder)
     seed: int = 0
     num_sites: int = 4
-    subjects_per_site: int = 12
+    subjects_per_site: str = "6,9,12,21"  # synthetic sites' patients: one number, or a list cycled over the sites
     volume_size: int = 24
     modalities: str = "t1,t2,flair,pd"
     pretrain_rounds: int = 0  # private pretraining rounds (the public warm start is the pretraining)
@@ -67,6 +68,7 @@ class RunSettings:
             raise ValueError(f"finetune-task must be segmentation or classification, not {self.finetune_task!r}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        site_sizes(self.subjects_per_site, self.num_sites)  # raises on a bad size list
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
@@ -84,6 +86,11 @@ class RunSettings:
     def to_run_config(self) -> dict[str, Any]:
         """Hyphenated dict, as Flower's run config."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @property
+    def site_sizes(self) -> list[int]:
+        """Patients of each synthetic site (``subjects-per-site``, a list cycled over the sites)."""
+        return site_sizes(self.subjects_per_site, self.num_sites)
 
     @property
     def vocabulary(self) -> list[str]:
@@ -114,6 +121,18 @@ class RunSettings:
     def federation_path(self) -> Path:
         """Folder of the federation (one sub-folder per site)."""
         return Path(self.federation_dir).expanduser() if self.federation_dir else self.run_path / "federation"
+
+
+def site_sizes(spec: int | str | Sequence[int], n_sites: int) -> list[int]:
+    """Patients of each of ``n_sites`` synthetic sites from one number for every site, or a list
+    (comma string or sequence) cycled over the sites: hospitals of unequal size."""
+    try:
+        sizes = [int(n) for n in (spec.split(",") if isinstance(spec, str) else [spec] if isinstance(spec, int) else spec)]
+    except ValueError:
+        raise ValueError(f"subjects per site must be a number or a comma list of numbers, got {spec!r}") from None
+    if n_sites < 1 or not sizes or min(sizes) < 1:
+        raise ValueError(f"need at least one site and at least one patient per site, got {n_sites} sites of {spec!r}")
+    return [sizes[s % len(sizes)] for s in range(n_sites)]
 
 
 def to_flower_keys(names: Any) -> list[str]:

@@ -162,7 +162,8 @@ def test_corpus_reports_each_bad_subject_and_loads_the_rest(corpus: Path) -> Non
         assert any(expected in r for r in reasons[subject]), (subject, reasons[subject])
     assert len(reasons["sub-dup"]) == 2  # both entries are skipped: which one is right is unknown
     assert "sub-nan" in str(next(i for i in report.bad if i.subject_id == "sub-nan"))
-    assert report.summary() == "hospital-a: 4 of 19 subjects usable, 15 skipped"
+    assert report.summary() == "hospital-a: 4 of 19 subjects usable (4 patients), 15 skipped"
+    assert report.duplicates == [] and report.outside == []
 
     assert len(dataset) == 4
     items = [dataset[i] for i in range(4)]
@@ -281,20 +282,18 @@ def test_csv_and_json_manifests_give_the_same_site(tmp_path: Path) -> None:
     recs = [write_subject(site / f"sub-{k}", k, ["t1", "t2"], with_mask=k == 0) for k in range(2)]
     recs[1].report = "No lesion."
     write_manifest(SiteManifest("site", recs), site / "manifest.json")
-    csv_dir = tmp_path / "csv-site"
-    csv_dir.mkdir()
-    with (csv_dir / "manifest.csv").open("w", newline="") as fh:
+    with (site / "manifest.csv").open("w", newline="") as fh:  # absolute paths, inside the site folder
         writer = csv.DictWriter(fh, ["subject", "t1", "t2", "mask", "label", "report"])
         writer.writeheader()
         for rec in recs:
             writer.writerow({"subject": rec.subject_id, **{m: str(p) for m, p in rec.images.items()},
                              "mask": rec.mask or "", "label": rec.label, "report": rec.report or ""})
     from_json = open_site(site / "manifest.json")
-    from_csv = open_site(csv_dir)
+    from_csv = open_site(site / "manifest.csv")
     assert [(r.subject_id, r.images, r.mask, r.label, r.report) for r in from_json.subjects] == [
         (r.subject_id, r.images, r.mask, r.label, r.report) for r in from_csv.subjects
     ]
-    for source in (site, csv_dir / "manifest.csv"):
+    for source in (site, site / "manifest.csv"):
         items = load_through_open_site(source, ["t1", "t2"])
         assert [bool(it["has_mask"]) for it in items] == [True, False]
 
@@ -329,7 +328,7 @@ def test_small_federation_loads_cleanly(small_federation: Path) -> None:
 def test_cli_validate_lists_bad_subjects(corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(corpus)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == "hospital-a: 4 of 19 subjects usable, 15 skipped"
+    assert lines[-1] == "hospital-a: 4 of 19 subjects usable (4 patients), 15 skipped"
     assert len(lines) == 16
     nan_line = next(line for line in lines if line.startswith("sub-nan: "))
     assert nan_line.startswith("sub-nan: t2: NaN/Inf voxels in ") and nan_line.endswith("sub-nan/t2.nii.gz")

@@ -13,7 +13,7 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpir.models.evaluation import embed, evaluate
-from fedpir.models.losses import LossConfig, finetune_losses, pretrain_losses, reconstruction_error
+from fedpir.models.losses import LossConfig, finetune_losses, level_invariance, pretrain_losses, reconstruction_error
 from fedpir.models.pir import PIRConfig, PIRNet, trainable_groups
 
 MODALITIES = ["t1", "t2", "flair"]
@@ -134,6 +134,17 @@ def test_invariance_zero_for_single_modality_patients() -> None:
     assert single["invariance"].item() == 0.0
     assert single["reconstruction"] > 0
     assert pretrain_losses(net, phantoms([[1, 0, 0], [0, 1, 1]]))["invariance"] > 0
+
+
+def test_invariance_covers_every_encoder_level() -> None:
+    """The skips that the segmentation head reads are pulled together too, not X_h alone."""
+    net = make_net()
+    batch = phantoms([[1, 1, 0], [0, 1, 1]])
+    encoded = net.encode_available(batch["image"], batch["present"])
+    bottleneck = level_invariance({m: [e[0]] for m, e in encoded.items()}, batch["present"])
+    every = level_invariance({m: [e[0], *e[1]] for m, e in encoded.items()}, batch["present"])
+    assert torch.allclose(pretrain_losses(net, batch)["invariance"], every.mean())
+    assert not torch.allclose(every, bottleneck)
 
 
 @pytest.mark.usefixtures("float64")

@@ -30,3 +30,11 @@ def test_paths_default_under_run_dir(tmp_path: Path) -> None:
     settings = RunSettings(run_dir=str(tmp_path / "run"))
     assert settings.federation_path == tmp_path / "run" / "federation"
     assert settings.vocabulary == ["t1", "t2", "flair", "pd"]
+
+
+def test_site_sizes_cycle_over_sites_and_reject_bad_lists() -> None:
+    assert RunSettings(num_sites=6, subjects_per_site="6,9,12,21").site_sizes == [6, 9, 12, 21, 6, 9]
+    assert RunSettings(num_sites=3, subjects_per_site="5").site_sizes == [5, 5, 5]
+    for bad in ("", "6,x", "4,0"):
+        with pytest.raises(ValueError, match="subjects per site|at least one patient"):
+            RunSettings(subjects_per_site=bad)

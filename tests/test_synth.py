@@ -124,7 +124,9 @@ def test_bias_field_differs_between_sites_as_configured(small_federation: Path) 
         field = bias_field(shape, [tuple(t) for t in site["bias_terms"]])
         per_image, per_field = [], []
         for rec in manifest.subjects:
-            wm = _load(rec.tissue) == WM
+            tissue = _load(rec.tissue)
+            # pure white matter: away from the lesion, whose partial volume brightens its neighbours
+            wm = (tissue == WM) & ~ndimage.binary_dilation(tissue == LESION, iterations=2)
             per_field.append(_octant_profile(field, wm))
             per_image += [_octant_profile(_load(p).astype(np.float64), wm) for p in rec.images.values()]
         measured.append(np.mean(per_image, 0))
@@ -224,11 +226,19 @@ def test_homogeneous_setting_and_bad_arguments(tmp_path: Path) -> None:
         generate_federation(tmp_path / "x", shape=(8, 8, 8))
 
 
+def test_sites_of_unequal_size(tmp_path: Path) -> None:
+    root = generate_federation(tmp_path / "fed", n_sites=3, subjects_per_site=[1, 3], shape=(16, 16, 16), seed=0)
+    assert [len(site.subjects) for site in _sites(root)] == [1, 3, 1]
+    assert _meta(root)["subjects_per_site"] == [1, 3, 1]
+    ids = [rec.subject_id for site in _sites(root) for rec in site.subjects]
+    assert len(set(ids)) == len(ids) == 5
+
+
 def test_cli_writes_loadable_manifests(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fed"
     assert main(["synth", "--out", str(out), "--sites", "2", "--subjects", "3", "--size", "24"]) == 0
     printed = capsys.readouterr().out
-    assert str(out) in printed and "2 sites x 3 subjects" in printed
+    assert str(out) in printed and "2 sites of 3 subjects" in printed
     for site, expected in zip(_sites(out), DEFAULT_SUBSETS):
         assert len(site.subjects) == 3 and site.modalities == list(expected)
         for rec in site.subjects:

@@ -3,6 +3,8 @@
 Node config (``flower-supernode --node-config``), deployment:
     data-dir     the site's folder or manifest (required)
     state-dir    where local layers and the privacy ledger live (default: under the run folder)
+    state-key-file / state-key-env  the key that encrypts the state at rest (fedpir.privacy.at_rest)
+    data-roots   folders outside data-dir the manifest may point into (fedpir.data.confinement)
     site-name    name reported to the server (default: the data folder's name)
     approved-apps  the hospital's allow-list of FAB hashes (fedpir.deployment.approval; deploy/README.md)
 Simulation (Flower's simulation engine sets ``partition-id``): the node serves ``site-<id>`` of the
@@ -55,7 +57,7 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
         raise ValueError("node config needs 'data-dir' (deployment) or 'partition-id' (simulation)")
     key = (settings, str(data_dir), name)
     if key not in _SITES:
-        _SITES[key] = Site(settings, data_dir, site_state_dir(settings, name, node.get("state-dir")), name)
+        _SITES[key] = Site.for_node(settings, data_dir, site_state_dir(settings, name, node.get("state-dir")), name, node)
     return _SITES[key]
 
 

@@ -33,6 +33,8 @@ HELP = "build a warm-start file on public data (synthetic by default), with its 
 #: How a warm start is made by default (the flags of the same names; `fedpir simulate` uses these).
 RECIPE: dict[str, int | float] = {"subjects": 32, "pretrain_epochs": 4, "segment_epochs": 8, "lr": 2e-3,
                                   "batch_size": 4}
+#: Bumped whenever the generator or the losses change what a recipe builds (cached warm starts are keyed by it).
+RECIPE_VERSION = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

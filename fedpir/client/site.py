@@ -3,13 +3,17 @@
 Plain Python (no Flower): the ClientApp and the baseline runners wire it. The site keeps its
 local layers (normalization, adapters, task heads: whatever the key policy does not send) in
 ``state_dir/local_state.pt`` so that a restarted client continues with them; its privacy ledger
-lives in the same folder.
+lives in the same folder. The folder is private (0700, files 0600) and the local layers and
+signing key are encrypted when the node config names a state key (:mod:`fedpir.privacy.at_rest`).
+Training items are patients, not scans (:mod:`fedpir.data.patients`), and the held-out split
+keeps all of a patient's sessions on one side.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +22,13 @@ import torch
 from torch.utils.data import Subset
 
 from fedpir.client.trainer import LocalTrainer
+from fedpir.data.confinement import data_roots_from
 from fedpir.data.dataset import SiteDataset, load_site
 from fedpir.data.manifest import ManifestError
+from fedpir.data.patients import PatientDataset, patient_groups
 from fedpir.models.pir import build_model, objective_for, trainable_groups
-from fedpir.models.warm_start import record_warm_start
+from fedpir.models.warm_start import RECORD_NAME, warm_start_record
+from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, load_tensors, private_dir, save_tensors, write_private
 from fedpir.protocol import EVAL_KEYS
 from fedpir.run_config import RunSettings
 
@@ -49,12 +56,22 @@ class SiteDataError(ValueError):
     """A site cannot serve: its data folder cannot be read, or holds no usable subject."""
 
 
-def site_data(settings: RunSettings, data_dir: Path, name: str) -> tuple[Subset, Subset, list[str]]:
+def split_patients(dataset: SiteDataset, seed: int) -> tuple[PatientDataset, Subset]:
+    """Training patients (one DP sample each, see :class:`PatientDataset`) and every session of the
+    held-out patients, split by :func:`split_holdout` over patients."""
+    groups = patient_groups(dataset.records)
+    train, held_out = split_holdout(len(groups), seed)
+    return (PatientDataset(dataset, [groups[p] for p in train], seed=seed),
+            Subset(dataset, sorted(i for p in held_out for i in groups[p])))
+
+
+def site_data(settings: RunSettings, data_dir: Path, name: str,
+              data_roots: Sequence[Path] = ()) -> tuple[PatientDataset, Subset, list[str]]:
     """A site's validated data, split into training and held-out patients, and its modalities.
     Raises :class:`SiteDataError` (one line: what and what to do) when the site cannot serve."""
     size = settings.volume_size
     try:
-        dataset, report = load_site(data_dir, settings.vocabulary, (size, size, size))
+        dataset, report = load_site(data_dir, settings.vocabulary, (size, size, size), data_roots=data_roots)
     except (OSError, ManifestError) as err:
         reason = (f"cannot read its data folder {data_dir} ({err.strerror}: {err.filename})"
                   if isinstance(err, OSError) else str(err))
@@ -62,31 +79,42 @@ def site_data(settings: RunSettings, data_dir: Path, name: str) -> tuple[Subset,
                             "user may read it") from err
     for issue in report.bad:
         log.warning("site %s: skipping %s", name, issue)
+    for duplicate in report.duplicates:
+        log.warning("site %s: %s", name, duplicate)
     if not report.good:
         first = f" (first: {report.bad[0]})" if report.bad else ""
         raise SiteDataError(f"site {name}: no usable subject in {data_dir}, {len(report.bad)} refused{first}; "
                             f"run `fedpir validate {data_dir}` and fix what it reports")
-    train_idx, hold_idx = split_holdout(len(dataset), settings.seed)
-    return Subset(dataset, train_idx), Subset(dataset, hold_idx), _site_modalities(dataset)
+    train, holdout = split_patients(dataset, settings.seed)
+    return train, holdout, _site_modalities(dataset)
 
 
 class Site:
     """A site's data split, model, trainer and local state."""
 
-    def __init__(self, settings: RunSettings, data_dir: Path, state_dir: Path, name: str | None = None) -> None:
-        self.settings = settings
-        self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, settings: RunSettings, data_dir: Path, state_dir: Path, name: str | None = None, *,
+                 cipher: StateCipher = PLAINTEXT, data_roots: Sequence[Path] = ()) -> None:
+        self.settings, self.cipher = settings, cipher
+        self.state_dir = private_dir(Path(state_dir))
         self.name = name or Path(data_dir).name
-        self.train_set, self.holdout_set, self.modalities = site_data(settings, data_dir, self.name)
+        self.train_set, self.holdout_set, self.modalities = site_data(settings, data_dir, self.name, data_roots)
         self.model = build_model(settings)
         if settings.warm_start:  # build_model started from it, after checking its checksum
-            record_warm_start(self.state_dir, settings.warm_start, settings.warm_start_sha256)
+            write_private(self.state_dir / RECORD_NAME, warm_start_record(settings.warm_start, settings.warm_start_sha256))
         self.local_state_path = self.state_dir / "local_state.pt"
         if self.local_state_path.is_file():
-            self.model.load_state_dict(torch.load(self.local_state_path), strict=False)
+            self.model.load_state_dict(load_tensors(self.local_state_path, cipher), strict=False)
         self.trainer = LocalTrainer.for_run(settings, self.model, self.train_set, state_dir=self.state_dir,
-                                            seed=settings.seed + _stable_hash(self.name), name=self.name)
+                                            seed=settings.seed + _stable_hash(self.name), name=self.name,
+                                            state_cipher=cipher)
+
+    @classmethod
+    def for_node(cls, settings: RunSettings, data_dir: Path, state_dir: Path, name: str,
+                 node_config: Mapping[str, Any]) -> Site:
+        """The site of a node config: its state key (``state-key-file``/``state-key-env``) and its
+        allowed data roots (``data-roots``)."""
+        return cls(settings, data_dir, state_dir, name, cipher=StateCipher.from_node_config(node_config),
+                   data_roots=data_roots_from(node_config))
 
     # ---- what crosses the network -----------------------------------------------------------
     @property
@@ -111,9 +139,7 @@ class Site:
         """Persist the layers that never leave the site."""
         state = self.model.state_dict()
         kept = {k: v for k, v in state.items() if k not in set(self.sent_keys)}
-        tmp = self.local_state_path.with_suffix(".tmp")
-        torch.save(kept, tmp)
-        tmp.replace(self.local_state_path)
+        save_tensors(kept, self.local_state_path, self.cipher)
 
     # ---- rounds ---------------------------------------------------------------------------
     def train(self, stage: str, epochs: int, progress: bool = False, proximal_mu: float = 0.0) -> dict[str, float]:

@@ -14,13 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Subset
-
-from fedpir.client.site import split_holdout
+from fedpir.client.site import split_patients
 from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import load_site
 from fedpir.data.layouts import open_site
 from fedpir.models.pir import TASKS, TRAINABLE_PRESETS, build_model, objective_for, trainable_groups
+from fedpir.privacy.at_rest import PLAINTEXT, StateCipher
 from fedpir.privacy.budget import BudgetExceededError
 from fedpir.privacy.dp import ACCOUNTANTS, dp_config_for
 from fedpir.protocol import STAGES
@@ -55,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=32, help="cubic input size the volumes are resampled to")
     parser.add_argument("--out", type=Path, help="write the per-round records and the config here (JSON)")
     parser.add_argument("--state-dir", type=Path, help="site state folder holding the privacy ledger")
+    parser.add_argument("--state-key-file", type=Path, help="key that encrypts the state folder at rest")
+    parser.add_argument("--data-root", type=Path, action="append", default=[],
+                        help="a folder outside the site folder that the manifest may point into (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     add_noise_flag(parser)
@@ -98,17 +100,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
     modalities = vocabulary(args.site, args.modalities)
     settings = settings_of(args, modalities)
-    dataset, report = load_site(args.site, modalities, (args.size,) * 3)
+    dataset, report = load_site(args.site, modalities, (args.size,) * 3, data_roots=args.data_root)
     print(report.summary())
     if len(dataset) == 0:
         print(f"error: {report.summary()}", file=sys.stderr)
         return 2
-    train_idx, holdout_idx = split_holdout(len(dataset), args.seed)
-    train_set, holdout_set = Subset(dataset, train_idx), Subset(dataset, holdout_idx)
+    train_set, holdout_set = split_patients(dataset, args.seed)
     held_out = len(holdout_set) > 0
     print(f"{len(train_set)} training patients, {len(holdout_set)} held out for evaluation"
           + ("" if held_out else " (too few patients: metrics are on the training patients)"))
-    trainer = LocalTrainer.for_run(settings, build_model(settings), train_set, state_dir=args.state_dir, seed=args.seed)
+    cipher = StateCipher.from_key_file(args.state_key_file) if args.state_key_file else PLAINTEXT
+    trainer = LocalTrainer.for_run(settings, build_model(settings), train_set, state_dir=args.state_dir, seed=args.seed,
+                                   state_cipher=cipher)
     objective = objective_for(args.stage, settings.finetune_task)
     groups = trainable_groups(args.trainable)
     prefix = "heldout" if held_out else "train"

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fedpir.models.evaluation import evaluate as evaluate_model
 from fedpir.models.losses import LossConfig, finetune_losses, loss_terms, pretrain_losses
 from fedpir.models.pir import OBJECTIVE_MODULES, PARAMETER_GROUPS, PIRNet
+from fedpir.privacy.at_rest import PLAINTEXT, StateCipher
 from fedpir.privacy.budget import PrivacyBudget, PrivacyLedger
 from fedpir.privacy.dp import (
     DPConfig,
@@ -77,7 +78,8 @@ class LocalTrainer:
     (seed, r), with r counted in the ledger, so no two rounds of a site reuse a stream; under DP
     with ``dp.secret_noise`` (the default) the noise and sampling streams are secret instead.
     The ledger's entries are chained and signed with the site's key (``ledger_key``, by default in
-    ``state_dir``); a ledger that does not verify raises LedgerError here, before any training.
+    ``state_dir``, encrypted under ``state_cipher``); a ledger that does not verify raises
+    LedgerError here, before any training.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class LocalTrainer:
         augment_views: int = 0,
         name: str = "site",
         ledger_key: Path | None = None,
+        state_cipher: StateCipher = PLAINTEXT,
     ) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
@@ -109,7 +112,7 @@ class LocalTrainer:
         self.augment_views, self.name = augment_views, name
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model.to(self.device)
-        self.ledger = PrivacyLedger.in_dir(state_dir, key_path=ledger_key)
+        self.ledger = PrivacyLedger.in_dir(state_dir, key_path=ledger_key, cipher=state_cipher)
         self.budget: PrivacyBudget | None = None
         if dp.enabled:
             delta = dp.delta or self.ledger.delta or default_delta(self.n_patients)
@@ -123,13 +126,13 @@ class LocalTrainer:
 
     @classmethod
     def for_run(cls, settings: RunSettings, model: PIRNet, dataset: Dataset, *, state_dir: Path | None,
-                seed: int, name: str = "site") -> LocalTrainer:
+                seed: int, name: str = "site", state_cipher: StateCipher = PLAINTEXT) -> LocalTrainer:
         """The trainer of a run's settings (DP, losses, batch size, learning rate, device)."""
         return cls(model, dataset, dp=dp_config_for(settings),
                    loss_cfg=LossConfig(w_invariance=settings.invariance_weight, mim=settings.mim,
                                        anatomical=settings.anatomical),
                    batch_size=settings.batch_size, lr=settings.lr, seed=seed, state_dir=state_dir,
-                   device=settings.device, augment_views=settings.augment_views, name=name)
+                   device=settings.device, augment_views=settings.augment_views, name=name, state_cipher=state_cipher)
 
     # ---- planning ------------------------------------------------------------------------
     @property

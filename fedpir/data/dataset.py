@@ -73,12 +73,25 @@ class SiteDataset(TorchDataset):
         }
 
 
+class DataPathError(ValueError):
+    """A site's manifest points outside its folders: training refuses the whole site."""
+
+
 def load_site(
     source: Path | str | SiteManifest,
     modalities: Sequence[str],
     spatial_size: Sequence[int] = (32, 32, 32),
     cache: bool = True,
+    data_roots: Sequence[Path | str] = (),
 ) -> tuple[SiteDataset, ValidationReport]:
-    """Validate a site, then build its dataset on the good subjects (bad ones are in the report)."""
-    report = validate_site(source)
+    """Validate a site, then build its dataset on the good subjects (bad ones are in the report).
+
+    Raises DataPathError if any subject has a file outside the site folder and ``data_roots``: a
+    manifest that reaches elsewhere is a configuration to fix, not a subject to skip.
+    """
+    report = validate_site(source, data_roots)
+    if report.outside:
+        first = report.outside[0]
+        raise DataPathError(f"site {report.site}: {len(report.outside)} subject(s) have files outside the site "
+                            f"folder, training refused; first: {first} (run `fedpir validate` for all)")
     return SiteDataset(report.good, modalities, spatial_size, cache=cache), report

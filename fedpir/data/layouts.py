@@ -6,13 +6,17 @@ BraTS-style: one folder per case, one file per modality, the modality as the nam
     site/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz  (older: _t1 _t1ce _t2 _flair _seg)
 
 The segmentation becomes the subject's mask (its labels are kept; the dataset uses label > 0, i.e.
-the whole tumour). Files with other suffixes in a case folder are ignored.
+the whole tumour). Files with other suffixes in a case folder are ignored. A BraTS 2023 case id is
+``BraTS-<cohort>-<patient>-<timepoint>``: the cases ``BraTS-GLI-00000-000`` and ``-001`` are two
+timepoints of patient ``BraTS-GLI-00000``. Older case ids (``BraTS20_Training_001``) are one
+patient each.
 
 IXI-style: files named ``IXI<number>-<Site>-<number>-<MOD>.nii.gz`` with MOD in T1, T2, PD, either
 all in the site folder or in one sub-folder per modality (``T1/``, ``IXI-T1/``, ...; there the
 ``-<MOD>`` suffix may be left out and the folder name gives the modality). The subject id is the
-``IXI###-Site-####`` prefix. Other IXI modalities (MRA, DTI) are ignored. Note that the raw IXI
-T1 is not co-registered with T2/PD: validation rejects such subjects until they are registered.
+``IXI###-Site-####`` prefix, and each subject is its own patient. Other IXI modalities (MRA, DTI)
+are ignored. Note that the raw IXI T1 is not co-registered with T2/PD: validation rejects such
+subjects until they are registered.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ IXI_NAMES: dict[str, str] = {"t1": "t1", "t2": "t2", "pd": "pd"}
 _BRATS_FILE = re.compile(r"^.+[-_](?P<tag>" + "|".join(sorted(BRATS_NAMES, key=len, reverse=True))
                          + ")" + NIFTI_SUFFIX, re.IGNORECASE)
 _IXI_FILE = re.compile(r"^(?P<subject>IXI\d+-[A-Za-z]+-\d+)(?:-(?P<tag>[A-Za-z0-9]+))?" + NIFTI_SUFFIX)
+_BRATS_TIMEPOINT = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$")
 _IXI_FOLDER = re.compile(r"^(?:IXI-)?(?P<tag>[A-Za-z0-9]+)$", re.IGNORECASE)
 
 
@@ -68,7 +73,7 @@ def read_ixi(site_dir: Path) -> SiteManifest:
             rec.images[IXI_NAMES[tag]] = path
     if not subjects:
         raise ManifestError(f"{site_dir}: no IXI-style files (IXI###-Site-####-T1/T2/PD.nii.gz)")
-    return SiteManifest(site=site_dir.name, subjects=[subjects[k] for k in sorted(subjects)])
+    return SiteManifest(site=site_dir.name, subjects=[subjects[k] for k in sorted(subjects)], root=site_dir)
 
 
 def _brats_cases(site_dir: Path) -> Iterator[tuple[Path, list[tuple[str, Path]]]]:
@@ -80,6 +85,13 @@ def _brats_cases(site_dir: Path) -> Iterator[tuple[Path, list[tuple[str, Path]]]
             yield case, tagged
 
 
+def brats_patient(case: str) -> str:
+    """The patient of a BraTS case id: ``BraTS-GLI-00000-001`` -> ``BraTS-GLI-00000``; other ids are
+    their own patient."""
+    match = _BRATS_TIMEPOINT.match(case)
+    return match["patient"] if match else case
+
+
 def read_brats(site_dir: Path) -> SiteManifest:
     """SiteManifest of a BraTS-style folder (one sub-folder per case; 2023 or older file naming).
 
@@ -89,7 +101,7 @@ def read_brats(site_dir: Path) -> SiteManifest:
     site_dir = Path(site_dir)
     subjects = []
     for case, tagged in _brats_cases(site_dir):
-        rec = SubjectRecord(subject_id=case.name, images={})
+        rec = SubjectRecord(subject_id=case.name, images={}, patient_id=brats_patient(case.name))
         for tag, path in tagged:
             name = BRATS_NAMES[tag]
             if name == "mask":
@@ -99,7 +111,7 @@ def read_brats(site_dir: Path) -> SiteManifest:
         subjects.append(rec)
     if not subjects:
         raise ManifestError(f"{site_dir}: no BraTS-style case folders (<case>/<case>-t1n.nii.gz, ...)")
-    return SiteManifest(site=site_dir.name, subjects=subjects)
+    return SiteManifest(site=site_dir.name, subjects=subjects, root=site_dir)
 
 
 def _is_ixi(site_dir: Path) -> bool:

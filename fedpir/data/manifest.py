@@ -6,12 +6,20 @@ against the manifest's folder.
 JSON::
 
     {"site": "site-0",
-     "subjects": [{"id": "sub-000", "images": {"t1": "sub-000/t1.nii.gz", "t2": "..."},
+     "subjects": [{"id": "sub-000", "patient_id": "pat-000",
+                   "images": {"t1": "sub-000/t1.nii.gz", "t2": "..."},
                    "mask": "sub-000/lesion.nii.gz", "tissue": "sub-000/tissue.nii.gz",
                    "label": 1, "report": "Small hyperintense lesion, left frontal."}]}
 
 CSV: one row per subject, columns ``subject`` plus one column per modality name, and the optional
-columns ``mask``, ``tissue``, ``label``, ``report`` (empty cell = absent).
+columns ``patient_id``, ``mask``, ``tissue``, ``label``, ``report`` (empty cell = absent).
+
+A subject is one scan session (a case); ``patient_id`` names the person it belongs to, so that two
+sessions of one patient (follow-up timepoints) are one patient for the privacy accounting and the
+held-out split. It defaults to the subject id (one session per patient).
+
+Paths may be relative (to the manifest's folder) or absolute, but must resolve, symlinks followed,
+inside the site folder or an allowed data root (see :mod:`fedpir.data.confinement`).
 """
 
 from __future__ import annotations
@@ -23,13 +31,17 @@ from pathlib import Path
 
 #: Modality names fedpir knows. Manifests naming anything else are reported by validation.
 KNOWN_MODALITIES: tuple[str, ...] = ("t1", "t1c", "t2", "flair", "pd", "ct")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("mask", "tissue", "label", "report")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("patient_id", "mask", "tissue", "label", "report")
 MANIFEST_NAMES: tuple[str, ...] = ("manifest.json", "manifest.csv")
 
 
 @dataclass
 class SubjectRecord:
-    """One patient at one site: a file per modality and optional labels."""
+    """One scan session (case) at one site: a file per modality, optional labels, and its patient.
+
+    ``patient_id`` is the person the session belongs to (default: the subject id); all sessions of
+    one patient are one unit of privacy (see :mod:`fedpir.data.patients`).
+    """
 
     subject_id: str
     images: dict[str, Path]
@@ -37,6 +49,10 @@ class SubjectRecord:
     tissue: Path | None = None
     label: int | None = None
     report: str | None = None
+    patient_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.patient_id = self.patient_id or self.subject_id
 
 
 @dataclass
@@ -45,6 +61,9 @@ class SiteManifest:
 
     site: str
     subjects: list[SubjectRecord] = field(default_factory=list)
+    #: The folder the site's files must lie in (the manifest's or the layout's folder; None for a
+    #: manifest built in code, whose paths are not confined).
+    root: Path | None = None
 
     @property
     def modalities(self) -> list[str]:
@@ -103,6 +122,7 @@ def load_manifest(path: Path) -> SiteManifest:
                     tissue=_resolve(base, row.get("tissue")),
                     label=_label(row.get("label")),
                     report=row.get("report") or None,
+                    patient_id=str(row.get("patient_id") or ""),
                 )
                 for row in rows
             ]
@@ -120,6 +140,7 @@ def load_manifest(path: Path) -> SiteManifest:
                         tissue=_resolve(base, row.get("tissue")),
                         label=_label(row.get("label")),
                         report=row.get("report") or None,
+                        patient_id=row.get("patient_id") or "",
                     )
                     for row in reader
                 ]
@@ -128,7 +149,7 @@ def load_manifest(path: Path) -> SiteManifest:
             raise ManifestError(f"{path}: manifest must be .json or .csv")
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise ManifestError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from err
-    return SiteManifest(site=site, subjects=subjects)
+    return SiteManifest(site=site, subjects=subjects, root=base)
 
 
 def write_manifest(manifest: SiteManifest, path: Path) -> Path:
@@ -151,6 +172,7 @@ def write_manifest(manifest: SiteManifest, path: Path) -> Path:
                 k: v
                 for k, v in {
                     "id": rec.subject_id,
+                    "patient_id": rec.patient_id if rec.patient_id != rec.subject_id else None,
                     "images": {m: rel(p) for m, p in rec.images.items()},
                     "mask": rel(rec.mask),
                     "tissue": rel(rec.tissue),

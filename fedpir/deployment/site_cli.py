@@ -3,10 +3,13 @@
     fedpir site approve LIST (--app DIR | --fab FILE | --hash SHA256) [--note TEXT]
     fedpir site withdraw LIST SHA256
     fedpir site status --state DIR [--data DIR] [--approved-apps LIST] [--json]
+    fedpir site state-key FILE
 
 ``approve`` adds a FAB hash to the allow-list the node config names (``approved-apps=LIST``; see
 fedpir.deployment.approval). ``status`` reads only local files: the privacy ledger of the state
-folder (rounds, epsilon spent of the budget), the data folder's validation, the approved hashes.
+folder (rounds, epsilon spent of the budget), how the state is stored at rest (encrypted or not,
+permissions), the data folder's validation, the approved hashes. ``state-key`` makes a key that
+encrypts the state at rest (node config ``state-key-file``; see fedpir.privacy.at_rest).
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from fedpir.deployment import approval
+from fedpir.models.warm_start import RECORD_NAME
+from fedpir.privacy.at_rest import KEY_HINT, new_state_key, state_report
+from fedpir.privacy.budget import LEDGER_NAME
+from fedpir.privacy.signing import PUBLIC_KEY_NAME
+
+#: State files kept in plaintext by design (no patient data; read by auditors): see fedpir.privacy.at_rest.
+PUBLIC_STATE = (LEDGER_NAME, PUBLIC_KEY_NAME, RECORD_NAME)
 
 HELP = "a hospital's controls: approve or withdraw an app's FAB hash, status of its node (ledger, data, approvals)"
 
@@ -40,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st.add_argument("--data", type=Path, help="the node's data-dir (validated)")
     st.add_argument("--approved-apps", type=Path, help="the node's approved-apps file")
     st.add_argument("--json", action="store_true", help="one JSON object")
+    sk = sub.add_parser("state-key", help="make a key that encrypts the node's state at rest (node config state-key-file)")
+    sk.add_argument("file", type=Path, metavar="FILE", help="where to write it (0600; kept outside the state folder)")
 
 
 def ledger_summary(state_dir: Path) -> dict[str, Any]:
@@ -64,7 +76,8 @@ def ledger_summary(state_dir: Path) -> dict[str, Any]:
 
 def status(state_dir: Path, data_dir: Path | None, approved_apps: Path | None) -> dict[str, Any]:
     """Everything ``fedpir site status`` reports."""
-    report: dict[str, Any] = {"state_dir": str(state_dir), "ledger": ledger_summary(state_dir)}
+    report: dict[str, Any] = {"state_dir": str(state_dir), "ledger": ledger_summary(state_dir),
+                              "at_rest": state_report(state_dir, PUBLIC_STATE)}
     if data_dir is not None:
         from fedpir.data.validation import validate_site
 
@@ -76,6 +89,21 @@ def status(state_dir: Path, data_dir: Path | None, approved_apps: Path | None) -
     return report
 
 
+def at_rest_lines(at_rest: dict[str, Any]) -> list[str]:
+    """What ``status`` says about the state at rest."""
+    if at_rest["plaintext_files"]:
+        lines = [f"at rest: NOT encrypted ({', '.join(at_rest['plaintext_files'])} in plaintext): no state key "
+                 f"configured; make one with `fedpir site state-key FILE` and set {KEY_HINT}"]
+    elif at_rest["encrypted_files"]:
+        lines = [f"at rest: encrypted ({', '.join(at_rest['encrypted_files'])})"]
+    else:
+        lines = ["at rest: no private state yet"]
+    if at_rest["loose_permissions"]:
+        lines.append(f"WARNING: accessible to other users: {', '.join(at_rest['loose_permissions'])} "
+                     "(chmod 700 the folder, 600 its files)")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     """Do the action; print the result."""
     if args.action == "approve":
@@ -83,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
                     approval.fab_hash_of_file(args.fab) if args.fab else args.hash)
         added = approval.approve(args.list, fab_hash, note=args.note)
         print(f"{'approved' if added else 'already approved'}: {fab_hash} ({args.list})")
+    elif args.action == "state-key":
+        print(f"state key written to {new_state_key(args.file)}; set state-key-file='{args.file}' in the node config "
+              "and keep a copy in the hospital's secret store (without it the state cannot be read)")
     elif args.action == "withdraw":
         removed = approval.withdraw(args.list, args.hash)
         print(f"{'withdrawn' if removed else 'was not approved'}: {args.hash} ({args.list})")
@@ -100,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         budget = led["epsilon_budget"]
         print(f"  privacy spent: epsilon {led['epsilon_spent']:.3f}"
               + (f" of {budget:g} (delta {led['delta']:g}), {led['epsilon_spent'] / budget:.0%}" if budget else ""))
+        for line in at_rest_lines(report["at_rest"]):
+            print(f"  {line}")
         if "data" in report:
             print(f"  data {report['data']['dir']}: {report['data']['summary']}")
         if "approved_apps" in report:

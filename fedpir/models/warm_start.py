@@ -73,7 +73,6 @@ def load_warm_start(model: nn.Module, path: Path, sha256: str) -> dict[str, Any]
     return content["meta"]
 
 
-def record_warm_start(state_dir: Path, path: str, sha256: str) -> None:
-    """Write which warm start a site started from into its state folder."""
-    record = Path(state_dir) / RECORD_NAME
-    record.write_text(json.dumps({"path": str(path), "sha256": sha256}) + "\n")
+def warm_start_record(path: str, sha256: str) -> bytes:
+    """What a site keeps in its state folder (as :data:`RECORD_NAME`) about the warm start it began from."""
+    return (json.dumps({"path": str(path), "sha256": sha256}) + "\n").encode()

@@ -23,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opacus.accountants import IAccountant, create_accountant
 
+from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, StateKeyError, private_dir
 from fedpir.privacy.dp import RoundPlan
 from fedpir.privacy.signing import (
     GENESIS,
@@ -67,13 +68,16 @@ class PrivacyLedger:
 
     Each entry links to the one before it and is signed with the site's Ed25519 key (see
     :mod:`fedpir.privacy.signing`): ``key_path``, by default ``ledger_signing.key`` next to the ledger,
-    created (0600, folder 0700) with the first entry. Loading an existing ledger verifies every link
+    created (0600, folder 0700, encrypted under ``cipher``) with the first entry. The ledger file
+    itself is 0600 and plaintext (see :mod:`fedpir.privacy.at_rest`). Loading an existing ledger verifies every link
     and signature and raises :class:`LedgerError` naming the line and the rule at the first failure.
     An in-memory ledger signs with a throwaway key.
     """
 
-    def __init__(self, path: Path | None = None, *, key_path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, *, key_path: Path | None = None,
+                 cipher: StateCipher = PLAINTEXT) -> None:
         self.path = Path(path) if path is not None else None
+        self.cipher = cipher
         self.key_path = Path(key_path) if key_path is not None else (
             self.path.parent / SIGNING_KEY_NAME if self.path is not None else None)
         self._key: Ed25519PrivateKey | None = Ed25519PrivateKey.generate() if self.path is None else None
@@ -112,7 +116,8 @@ class PrivacyLedger:
             self.last_hash = entry_hash(entry)
 
     @classmethod
-    def in_dir(cls, state_dir: Path | None, *, key_path: Path | None = None) -> PrivacyLedger:
+    def in_dir(cls, state_dir: Path | None, *, key_path: Path | None = None,
+               cipher: StateCipher = PLAINTEXT) -> PrivacyLedger:
         """The ledger of a site state folder (created on first write), or an in-memory one.
 
         Raises LedgerError if the folder has trained state (:data:`TRAINED_STATE_MARKERS`) but no
@@ -120,7 +125,7 @@ class PrivacyLedger:
         """
         if state_dir is None:
             return cls(None)
-        ledger = cls(Path(state_dir) / LEDGER_NAME, key_path=key_path)
+        ledger = cls(Path(state_dir) / LEDGER_NAME, key_path=key_path, cipher=cipher)
         trained = [name for name in TRAINED_STATE_MARKERS if (Path(state_dir) / name).exists()]
         if trained and not ledger.entries:
             raise LedgerError(f"{state_dir}: the site has trained state ({', '.join(trained)}) but no privacy ledger "
@@ -131,7 +136,9 @@ class PrivacyLedger:
     def _load_key(self) -> Ed25519PrivateKey:
         assert self.key_path is not None
         try:
-            return load_signing_key(self.key_path)
+            return load_signing_key(self.key_path, self.cipher)
+        except StateKeyError:
+            raise
         except ValueError as err:
             raise LedgerError(str(err)) from err
 
@@ -139,9 +146,8 @@ class PrivacyLedger:
         """The key entries are signed with (created, with the state folder made 0700, on first use)."""
         if self._key is None:
             assert self.key_path is not None and self.path is not None
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.path.parent.chmod(0o700)
-            self._key = self._load_key() if self.key_path.is_file() else create_signing_key(self.key_path)
+            private_dir(self.path.parent)
+            self._key = self._load_key() if self.key_path.is_file() else create_signing_key(self.key_path, self.cipher)
         return self._key
 
     @property
@@ -153,7 +159,9 @@ class PrivacyLedger:
         """Add one round, chained and signed; written and fsynced before returning."""
         entry = seal({"timestamp": time.time(), **entry}, self.last_hash, self._signing_key())
         if self.path is not None:
-            with self.path.open("a") as fh:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.fchmod(fd, 0o600)  # also a ledger written before state files were private
+            with os.fdopen(fd, "a") as fh:
                 fh.write(json.dumps(entry) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())

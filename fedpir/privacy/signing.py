@@ -6,9 +6,10 @@ it (the first entry links to :data:`GENESIS`), and ``signature``, the site's Ed2
 compact JSON with sorted keys (:func:`canonical`); Python floats round-trip exactly through JSON, so
 an entry parsed back from the file re-encodes to the bytes that were signed.
 
-The site's signing key is ``ledger_signing.key`` (PKCS#8 PEM, mode 0600) in its state folder (mode
-0700), created on first use; the public key ``ledger_signing.pub`` (SubjectPublicKeyInfo PEM) lies
-next to it for the auditor. The private key is never printed or logged.
+The site's signing key is ``ledger_signing.key`` (PKCS#8 PEM, mode 0600, encrypted when the site
+has a state key: :mod:`fedpir.privacy.at_rest`) in its state folder (mode 0700), created on first
+use; the public key ``ledger_signing.pub`` (SubjectPublicKeyInfo PEM, plaintext) lies next to it
+for the auditor. The private key is never printed or logged.
 
 What the chain cannot show on its own: that entries were cut off at the *end* of the file (the
 remaining prefix is still a valid chain). An auditor who keeps the hash of the last entry they saw
@@ -20,13 +21,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, read_private, write_private
 
 GENESIS = "0" * 64
 SIGNING_KEY_NAME = "ledger_signing.key"
@@ -67,35 +69,31 @@ def check_entry(entry: dict[str, Any], prev: str, public_key: Ed25519PublicKey) 
     return problems
 
 
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
-
-
 def public_key_path(key_path: Path) -> Path:
     """Where the public key of the signing key ``key_path`` is exported."""
     return key_path.with_suffix(".pub")
 
 
-def create_signing_key(key_path: Path) -> Ed25519PrivateKey:
-    """A new Ed25519 key at ``key_path`` (0600, folder made 0700; never overwritten) and its public key."""
+def create_signing_key(key_path: Path, cipher: StateCipher = PLAINTEXT) -> Ed25519PrivateKey:
+    """A new Ed25519 key at ``key_path`` (0600, folder 0700, encrypted under ``cipher``; an existing key
+    is never overwritten) and its public key."""
     key_path = Path(key_path)
-    _private_dir(key_path.parent)
+    if key_path.exists():
+        raise FileExistsError(f"{key_path} exists: a site's signing key is never replaced")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    key_path.chmod(0o600)
+    write_private(key_path, pem, cipher)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    public_key_path(key_path).write_bytes(public)
+    write_private(public_key_path(key_path), public)
     return key
 
 
-def load_signing_key(key_path: Path) -> Ed25519PrivateKey:
-    """The site's signing key; ValueError (no key material in the message) if it is not an Ed25519 key."""
+def load_signing_key(key_path: Path, cipher: StateCipher = PLAINTEXT) -> Ed25519PrivateKey:
+    """The site's signing key; ValueError (no key material in the message) if it is not an Ed25519 key,
+    StateKeyError if it is encrypted and ``cipher`` cannot decrypt it."""
+    pem = read_private(key_path, cipher)
     try:
-        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{key_path}: not a readable unencrypted PEM private key") from err
     if not isinstance(key, Ed25519PrivateKey):

@@ -8,8 +8,9 @@ Layout under the run folder::
     checkpoints/round-0007.strategy.npz   server-optimizer state (FedAdam/FedYogi moments)
 
 Files are written to a temporary name and renamed, so a crash mid-write leaves the previous
-checkpoint intact. A store opened with other settings than those in ``run.json`` refuses to
-resume (:class:`ResumeError`): a run resumes only itself. Flower keeps the server-optimizer state in plain attributes
+checkpoint intact; the folder is 0700 and its files 0600 (:mod:`fedpir.privacy.at_rest`). A store
+opened with other settings than those in ``run.json`` refuses to resume (:class:`ResumeError`): a
+run resumes only itself. Flower keeps the server-optimizer state in plain attributes
 (`current_arrays`, `m_t`, `v_t` of FedOpt strategies) and offers no save/restore; we persist
 those attributes here.
 """
@@ -17,14 +18,16 @@ those attributes here.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+
+from fedpir.privacy.at_rest import private_dir, write_private
 
 #: Strategy attributes (dict[str, ndarray] or None) that carry server-optimizer state in Flower.
 STRATEGY_STATE_ATTRS: tuple[str, ...] = ("current_arrays", "m_t", "v_t")
@@ -42,10 +45,9 @@ class Checkpoint:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        np.savez(fh, **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_private(path, buffer.getvalue())
 
 
 def strategy_state(strategy: object) -> dict[str, dict[str, np.ndarray]]:
@@ -76,8 +78,7 @@ class CheckpointStore:
     settings are ``fingerprint`` (written to ``run.json`` on first use, checked afterwards)."""
 
     def __init__(self, run_dir: Path, fingerprint: dict[str, Any], keep: int = 2) -> None:
-        self.dir = Path(run_dir) / "checkpoints"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_dir(Path(run_dir) / "checkpoints")
         self.keep = keep
         self._claim(fingerprint)
 
@@ -98,9 +99,7 @@ class CheckpointStore:
             return
         if (self.dir / "latest.json").is_file():
             raise ResumeError(f"{self.dir} holds checkpoints without their run settings; use another run-dir")
-        tmp = self.dir / "run.json.tmp"
-        tmp.write_text(json.dumps({"sha256": digest, "settings": fingerprint}, indent=1, sort_keys=True))
-        os.replace(tmp, run_file)
+        write_private(run_file, json.dumps({"sha256": digest, "settings": fingerprint}, indent=1, sort_keys=True).encode())
 
     def save(self, ckpt: Checkpoint) -> Path:
         """Write a checkpoint, point latest.json at it, prune old ones."""
@@ -112,9 +111,7 @@ class CheckpointStore:
         }
         _atomic_savez(self.dir / f"{stem}.strategy.npz", flat_state)
         latest = {"round": ckpt.round, "stage": ckpt.stage, "stage_round": ckpt.stage_round, "file": stem}
-        tmp = self.dir / "latest.json.tmp"
-        tmp.write_text(json.dumps(latest))
-        os.replace(tmp, self.dir / "latest.json")
+        write_private(self.dir / "latest.json", json.dumps(latest).encode())
         self._prune(ckpt.round)
         return arrays_path
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from fedpir.data.dataset import load_site
 from fedpir.models.evaluation import evaluate
 from fedpir.models.pir import PIRNet, build_model
+from fedpir.privacy.at_rest import load_tensors
 from fedpir.privacy.dp import collate_patients
 from fedpir.run_config import RunSettings
 from fedpir.synthetic.federation import EVAL_DIR
@@ -31,7 +32,7 @@ def final_site_model(run_settings: RunSettings, site: str) -> PIRNet:
     run = run_settings.run_path
     for path in (run / "global_model.pt", run / "pooled_model.pt", run / "sites" / site / "local_state.pt"):
         if path.is_file():
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+            model.load_state_dict(load_tensors(path), strict=False)
     return model.eval()
 
 

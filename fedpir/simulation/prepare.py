@@ -35,7 +35,7 @@ def synthetic_federation(settings: RunSettings, eval_subjects: int = EVAL_SUBJEC
             if partial.exists():  # left by a simulation killed mid-write
                 shutil.rmtree(partial)
             size = settings.volume_size
-            generate_federation(partial, n_sites=settings.num_sites, subjects_per_site=settings.subjects_per_site,
+            generate_federation(partial, n_sites=settings.num_sites, subjects_per_site=settings.site_sizes,
                                 shape=(size, size, size), seed=settings.seed, eval_subjects=eval_subjects,
                                 progress=True)
             partial.rename(path)

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from fedpir.client.site import site_data  # noqa: E402
 from fedpir.models.pir import build_model  # noqa: E402
+from fedpir.privacy.at_rest import load_tensors  # noqa: E402
 from fedpir.run_config import RunSettings  # noqa: E402
 from fedpir.server.rounds import MetricsLog  # noqa: E402
 
@@ -124,7 +125,7 @@ def plot_synthesis(run_dir: Path, site: str, path: Path) -> Path | None:
     model.load_state_dict(torch.load(run_dir / "global_model.pt"), strict=False)
     local = run_dir / "sites" / site / "local_state.pt"
     if local.is_file():
-        model.load_state_dict(torch.load(local), strict=False)
+        model.load_state_dict(load_tensors(local), strict=False)
     model.eval()
     _, holdout, _ = site_data(settings, settings.federation_path / site, site)
     item = holdout[0]

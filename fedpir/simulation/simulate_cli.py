@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma list of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--sites", type=int, default=d.num_sites)
-    p.add_argument("--subjects", type=int, default=d.subjects_per_site, help="subjects per synthetic site")
+    p.add_argument("--subjects", default=d.subjects_per_site,
+                   help="patients per synthetic site: one number, or a comma list cycled over the sites "
+                        f"(default {d.subjects_per_site}: hospitals of unequal size)")
     p.add_argument("--size", type=int, default=d.volume_size, help="model grid edge (voxels)")
     p.add_argument("--pretrain-rounds", type=int, default=d.pretrain_rounds)
     p.add_argument("--finetune-rounds", type=int, default=d.finetune_rounds)
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     )
     settings, noinv = warm_starts(settings, args, methods)
     if not args.federation:
-        print(f"generating a synthetic federation: {args.sites} sites x {args.subjects} subjects, {args.size}^3")
+        print(f"generating a synthetic federation: {args.sites} sites of {settings.site_sizes} patients, {args.size}^3")
         synthetic_federation(settings)
     elif not settings.federation_path.is_dir():
         print(f"error: federation folder {settings.federation_path} does not exist", file=sys.stderr)

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from fedpir.client.pretrain_public_cli import RECIPE, build_warm_start
+from fedpir.client.pretrain_public_cli import RECIPE, RECIPE_VERSION, build_warm_start
 from fedpir.models.warm_start import file_sha256
 from fedpir.run_config import RunSettings
 
@@ -22,7 +22,8 @@ def cached_warm_start(settings: RunSettings, invariance_weight: float, cache: Pa
     """(path, SHA-256) of the warm start for the run's grid and vocabulary, built if not cached."""
     recipe = {**RECIPE, "size": settings.volume_size, "modalities": settings.modalities,
               "invariance_weight": invariance_weight, "seed": 0}
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    key_fields = {**recipe, "version": RECIPE_VERSION}
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"warm-start-{key}.pt"
     if path.is_file():
         return str(path), file_sha256(path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fedpir.data.manifest import SiteManifest, SubjectRecord, write_manifest
+from fedpir.run_config import site_sizes
 from fedpir.synthetic.anatomy import Anatomy, Grid, make_anatomy
 from fedpir.synthetic.mr_signal import LITERATURE_1P5T
 from fedpir.synthetic.phantoms import TISSUE_LABELS, sample_phantom
@@ -60,9 +62,7 @@ def _lesion_flags(seed: int, site: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, site, 2_000_003]).permutation(flags)
 
 
-def _check_args(n_sites: int, subjects_per_site: int, seed: int, out_dir: Path) -> None:
-    if n_sites < 1 or subjects_per_site < 1:
-        raise ValueError(f"need n_sites >= 1 and subjects_per_site >= 1, got {n_sites}, {subjects_per_site}")
+def _check_args(seed: int, out_dir: Path) -> None:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -111,7 +111,8 @@ def generate_public_corpus(
     and noise from random streams disjoint from every site's, lesion masks as labels. Written like
     a site (``manifest.json``), so any loader reads it; returns ``out_dir``."""
     out_dir = Path(out_dir)
-    _check_args(1, subjects, seed, out_dir)
+    site_sizes(subjects, 1)
+    _check_args(seed, out_dir)
     grid = Grid.covering_brain(tuple(shape))  # type: ignore[arg-type]
     body = make_anatomy(anatomy, grid)
     records = []
@@ -142,7 +143,7 @@ def generate_federation(
     out_dir: Path,
     *,
     n_sites: int = 4,
-    subjects_per_site: int = 24,
+    subjects_per_site: int | Sequence[int] = 24,
     shape: tuple[int, int, int] = (48, 48, 48),
     seed: int = 0,
     anatomy: str = "auto",
@@ -151,7 +152,8 @@ def generate_federation(
     progress: bool = False,
     report_brain_volume: bool = False,
 ) -> Path:
-    """Simulate ``n_sites`` hospitals of ``subjects_per_site`` patients each and write them under ``out_dir``.
+    """Simulate ``n_sites`` hospitals of ``subjects_per_site`` patients each (a list: the sizes of the
+    sites, cycled; see :func:`fedpir.run_config.site_sizes`) and write them under ``out_dir``.
 
     ``eval_subjects`` > 0 also writes, per site, a simulation-only evaluation set
     ``out_dir/eval/<site>``: that many further patients rendered in *every* modality of the
@@ -165,7 +167,8 @@ def generate_federation(
     default, which keeps the reports of earlier versions). Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    _check_args(n_sites, subjects_per_site, seed, out_dir)
+    sizes = site_sizes(subjects_per_site, n_sites)
+    _check_args(seed, out_dir)
     grid = Grid.covering_brain(tuple(shape))  # type: ignore[arg-type]
     if modality_subsets is None:
         modality_subsets = [list(DEFAULT_SUBSETS[s % len(DEFAULT_SUBSETS)]) for s in range(n_sites)]
@@ -174,12 +177,12 @@ def generate_federation(
     template_parenchyma = _parenchyma(body.fractions(grid.world_coordinates())) if report_brain_volume else None
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    bar = tqdm(total=n_sites * subjects_per_site, desc="synth", unit="subject", disable=not progress)
+    bar = tqdm(total=sum(sizes), desc="synth", unit="subject", disable=not progress)
     for s, scanner in enumerate(scanners):
         site_dir = out_dir / scanner.name
         records = []
-        for j, lesion in enumerate(_lesion_flags(seed, s, subjects_per_site)):
-            index = s * subjects_per_site + j
+        for j, lesion in enumerate(_lesion_flags(seed, s, sizes[s])):
+            index = sum(sizes[:s]) + j
             sub_dir = site_dir / f"sub-{index:03d}"
             records.append(_write_subject(scanner, body, grid, bool(lesion), (seed, s, index), sub_dir, template_parenchyma))
             bar.update()
@@ -197,7 +200,7 @@ def generate_federation(
         "affine": np.round(grid.affine, 6).tolist(),
         "anatomy": body.name,
         "modalities": [m for m in MODALITIES if any(m in sc.modalities for sc in scanners)],
-        "subjects_per_site": subjects_per_site,
+        "subjects_per_site": sizes,
         "tissue_labels": TISSUE_LABELS,
         "tissue_params_1p5t": {t: asdict(p) for t, p in LITERATURE_1P5T.items()},
         "sites": [sc.to_dict() for sc in scanners],

@@ -12,10 +12,12 @@ relative to CSF), from
   grey matter 833/83/0.86, white matter 500/70/0.77, MS lesion 752/237/0.76 (T1/T2/PD).
 
 The lesion is tumour-like (a mass with vasogenic oedema): much longer T1 and T2 than white matter
-and a raised proton density (T1 1200 ms, T2 200 ms, PD 0.90; BrainWeb's MS-lesion values, 752/237/0.76,
+and a raised proton density (T1 1600 ms, T2 400 ms, PD 0.95; BrainWeb's MS-lesion values, 752/237/0.76,
 are close to white matter on T1w and PD-w). So it shows in every modality with a different contrast:
-dark on T1w, bright on T2w, FLAIR and PD-w. That is what lets a representation learnt to be invariant
-across modalities carry the lesion from one modality to another.
+darker than grey matter on T1w, bright on T2w, FLAIR and PD-w. That is what lets a representation
+learnt to be invariant across modalities carry the lesion from one modality to another. (At T1
+1200 ms / T2 200 ms the lesion matched grey matter on T1w; a T1 much longer than 1600 ms would
+approach CSF's and be nulled by FLAIR.)
 
 Each modality is a fixed function of (PD, T1, T2): the paper's population-static mapping g_m.
 """
@@ -49,7 +51,7 @@ LITERATURE_1P5T: dict[str, TissueParams] = {
     "csf": TissueParams(t1=2569.0, t2=329.0, pd=1.00),
     "gm": TissueParams(t1=833.0, t2=83.0, pd=0.86),
     "wm": TissueParams(t1=500.0, t2=70.0, pd=0.77),
-    "lesion": TissueParams(t1=1200.0, t2=200.0, pd=0.90),
+    "lesion": TissueParams(t1=1600.0, t2=400.0, pd=0.95),
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fedpir.run_config import site_sizes
 from fedpir.synthetic.anatomy import ANATOMIES
 from fedpir.synthetic.federation import generate_federation
 from fedpir.synthetic.scanners import MODALITIES
@@ -17,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `fedpir synth`."""
     p.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty)")
     p.add_argument("--sites", type=int, default=4, help="number of sites (default 4)")
-    p.add_argument("--subjects", type=int, default=24, help="subjects per site (default 24)")
+    p.add_argument("--subjects", default="24",
+                   help="patients per site: one number, or a comma list cycled over the sites (default 24)")
     p.add_argument("--size", type=int, nargs="+", default=[48], metavar="N",
                    help="volume size: one int for a cube or three (default 48)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -35,13 +37,13 @@ def run(args: argparse.Namespace) -> int:
     subsets = [list(MODALITIES)] * args.sites if args.homogeneous else None
     try:
         out = generate_federation(
-            args.out, n_sites=args.sites, subjects_per_site=args.subjects, shape=shape, seed=args.seed,
+            args.out, n_sites=args.sites, subjects_per_site=site_sizes(args.subjects, args.sites), shape=shape, seed=args.seed,
             anatomy=args.anatomy, modality_subsets=subsets, progress=True,
         )
     except (ValueError, FileExistsError, FileNotFoundError) as err:
         raise SystemExit(f"fedpir synth: {err}") from err
     meta = json.loads((out / "federation.json").read_text())
-    print(f"wrote {meta['anatomy']} federation to {out}: {args.sites} sites x {args.subjects} subjects, "
+    print(f"wrote {meta['anatomy']} federation to {out}: {args.sites} sites of {args.subjects} subjects, "
           f"{'x'.join(map(str, meta['shape']))} voxels of {meta['spacing_mm']:.2f} mm, "
           f"modalities {', '.join(meta['modalities'])}")
     for site in meta["sites"]:
