@@ -30,11 +30,12 @@ def has_modality_key(modality: str) -> str:
 
 
 #: Error codes of a site's error replies (Flower's own codes are below 100) and their generic reasons.
-SITE_ERROR, POLICY_REFUSED, RATE_LIMITED, BUDGET_EXHAUSTED, LEDGER_UNTRUSTED = 1000, 1001, 1002, 1003, 1004
+SITE_ERROR, POLICY_REFUSED, RATE_LIMITED, BUDGET_EXHAUSTED, LEDGER_UNTRUSTED, DATA_UNAVAILABLE = range(1000, 1006)
 SITE_ERRORS: dict[int, str] = {
     SITE_ERROR: "the site could not complete the request; details are in the site's log",
     POLICY_REFUSED: "refused by the site's privacy policy",
     RATE_LIMITED: "evaluation refused: the site's privacy policy limits evaluations per training round",
     BUDGET_EXHAUSTED: "refused: the round would exceed the site's privacy budget",
     LEDGER_UNTRUSTED: "training stopped: the site's privacy ledger does not verify; the site's admin must act",
+    DATA_UNAVAILABLE: "the site cannot read its data; its admin must check data-dir (details in the site's log)",
 }

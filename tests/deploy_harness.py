@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,9 @@ from fedpir.deployment import approval, commands, provision
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "loopback"
+#: A tiny run; every key is a run-config key of pyproject.toml.
+RUN_CONFIG = {"num-sites": "2", "volume-size": "16", "subjects-per-site": "4", "pretrain-rounds": "1",
+              "finetune-rounds": "1", "batch-size": "2", "min-sites": "2"}
 #: Environment variable naming a folder where the test app's ClientApp notes which file it was loaded from.
 LOADED_FROM_ENV = "FEDPIR_TEST_LOADED_FROM"
 #: Appended to the copied app's client_app.py (the copy only): proves which fedpir code a node runs.
@@ -38,6 +42,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def without_root_override(cmd: list[str]) -> list[str]:
+    """``cmd`` run, when the tests run as root, without the capabilities that let root ignore file
+    permissions (as a hospital's service user would run it), so that a folder's mode applies."""
+    if os.geteuid() != 0:
+        return cmd
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search", *cmd]
 
 
 def copy_app(dest: Path, probe: bool = False) -> Path:
@@ -100,12 +113,12 @@ class LoopbackDeployment:
     def start(self, name: str, cmd: list[str], guarded: bool = True) -> Proc:
         """Start ``cmd`` in a new process group, output to ``logs/NAME.log``; ``guarded=False``: without
         the approval shim on PATH (a misconfigured hospital)."""
-        log = self.root / "logs" / f"{name}.log"
+        log = self.root / "logs" / f"{name}.log"  # appended to: a restarted process keeps its history
         log.parent.mkdir(exist_ok=True)
         env = self.env()
         if not guarded:
             env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if d != str(self.guard_bin))
-        with log.open("wb") as fh:
+        with log.open("ab") as fh:
             popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         proc = Proc(name, popen, log, cmd)
         self.procs.append(proc)
@@ -122,6 +135,11 @@ class LoopbackDeployment:
             out, _ = popen.communicate()
             raise AssertionError(f"flwr {' '.join(args)} did not finish in {timeout} s:\n{out[-4000:]}") from None
         return subprocess.CompletedProcess(popen.args, popen.returncode, out, "")
+
+    def run_args(self, app: Path, run_dir: Path, **overrides: str) -> list[str]:
+        """``flwr run`` of ``app`` with :data:`RUN_CONFIG` (plus ``overrides``) writing to ``run_dir``."""
+        config = {**RUN_CONFIG, **overrides, "run-dir": f"'{run_dir}'"}
+        return ["run", str(app), CONNECTION, "--stream", "--run-config", " ".join(f"{k}={v}" for k, v in config.items())]
 
     def start_superlink(self) -> Proc:
         """``flower-superlink`` with the server kit; returns once it accepts TLS connections."""
@@ -158,6 +176,13 @@ class LoopbackDeployment:
         self.node_ids[hospital] = node_id
         return node_id
 
+    def run_status(self, flwr_run_output: str) -> dict:
+        """``flwr ls`` of the run a ``flwr run`` started, given its output (status, status details, ...)."""
+        run_id = re.search(r"Successfully started run (\d+)", flwr_run_output).group(1)
+        res = self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json")
+        assert res.returncode == 0, res.stdout
+        return json.loads(res.stdout[res.stdout.index("{"):])["runs"][0]
+
     def supernode_command(self, hospital: str, data_dir: Path, **kwargs) -> list[str]:
         """The hospital's ``flower-supernode`` command (its kit, data, state and approval list)."""
         kwargs.setdefault("approved_apps", self.root / "approved" / f"{hospital}.txt")
@@ -191,6 +216,30 @@ class LoopbackDeployment:
     def stop(self, proc: Proc) -> None:
         """Stop one process group."""
         _stop_group(proc.popen)
+
+    def kill(self, proc: Proc) -> None:
+        """SIGKILL one process group at once (a crash: no clean-up, no goodbye to anyone)."""
+        try:
+            os.killpg(proc.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.popen.wait(timeout=30)
+
+    def restart(self, proc: Proc) -> Proc:
+        """Start a stopped process's command again (same name and log)."""
+        assert proc.popen.poll() is not None, f"{proc.name} is still running"
+        return self.start(proc.name, proc.cmd)
+
+    def wait_round(self, run_dir: Path, rnd: int, watch: Proc, timeout: float = 300) -> None:
+        """Wait until the server has checkpointed round ``rnd`` of the run in ``run_dir``."""
+        latest = run_dir / "checkpoints" / "latest.json"
+        deadline = time.monotonic() + timeout
+        while not (latest.is_file() and json.loads(latest.read_text())["round"] >= rnd):
+            if watch.popen.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"round {rnd} of {run_dir} not checkpointed ({watch.name} "
+                                     f"{'exited' if watch.popen.poll() is not None else 'still running'}):\n"
+                                     + watch.output()[-4000:])
+            time.sleep(0.2)
 
     def close(self) -> None:
         """Stop every process group this deployment started (TERM, then KILL)."""

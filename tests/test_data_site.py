@@ -357,3 +357,21 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert err.startswith("error: ") and "needs a 'subject' column" in err
     assert main(["validate", str(tmp_path / "nowhere"), "--json"]) == 2
     assert "no such file or folder" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_a_site_that_cannot_serve_says_why_in_one_line(tmp_path: Path) -> None:
+    """What a deployed node answers when its data folder is missing or holds no usable subject (an
+    unreadable folder: tests/test_deploy_faults.py)."""
+    from fedpir.client.site import SiteDataError, site_data
+    from fedpir.run_config import RunSettings
+
+    settings = RunSettings(volume_size=16, modalities="t1")
+    with pytest.raises(SiteDataError, match=r"^site h: .*nowhere: no such file or folder; check data-dir in the node co"):
+        site_data(settings, tmp_path / "nowhere", "h")
+    all_bad = tmp_path / "all-bad"
+    rec = write_subject(all_bad / "sub-0", 0, ["t1"], with_mask=False)
+    rec.images["t1"].write_bytes(b"")
+    write_manifest(SiteManifest("all-bad", [rec]), all_bad / "manifest.json")
+    with pytest.raises(SiteDataError, match=r"^site h: no usable subject in .*all-bad, 1 refused \(first: sub-0: t1: "
+                                            r"unreadable or truncated file.*\); run `fedpir validate .*all-bad`"):
+        site_data(settings, all_bad, "h")

@@ -17,9 +17,6 @@ from fedpir.cli import main
 from fedpir.deployment import approval, provision
 
 HOSPITALS = ("st-anna", "city-general")
-#: A tiny run; every key is a run-config key of pyproject.toml.
-RUN_CONFIG = {"num-sites": "2", "volume-size": "16", "subjects-per-site": "4", "pretrain-rounds": "1",
-              "finetune-rounds": "1", "batch-size": "2", "min-sites": "2"}
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.deploy]
 
@@ -67,9 +64,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _flwr_run(dep: LoopbackDeployment, run_dir: Path, timeout: float = 420, **overrides: str) -> subprocess.CompletedProcess:
-    config = {**RUN_CONFIG, **overrides, "run-dir": f"'{run_dir}'"}
-    return dep.flwr("run", str(dep.app), CONNECTION, "--stream",
-                    "--run-config", " ".join(f"{k}={v}" for k, v in config.items()), timeout=timeout)
+    return dep.flwr(*dep.run_args(dep.app, run_dir, **overrides), timeout=timeout)
 
 
 def test_federated_run_over_tls_with_authenticated_nodes(deployment: LoopbackDeployment,
@@ -128,6 +123,11 @@ def test_unapproved_app_is_refused_with_its_hash(deployment: LoopbackDeployment)
         assert f"FAB hash {dep.fab_hash} is not approved" in (dep.root / "logs" / f"{h}.log").read_text()
     assert "does not run the fedpir approval guard" in errors[str(dep.node_ids["unguarded"])]
     assert not [r for r in rows if r["kind"] == "train"]
+    # a round without any usable update stops the run: no model nobody trained, a failed run
+    assert [r["round"] for r in rows if r["kind"] == "round-failed"] == [1]
+    assert "round 1 (pretrain): too few usable updates to aggregate" in res.stdout
+    assert not (run_dir / "global_model.pt").exists()
+    assert dep.run_status(res.stdout)["status"] == "finished:failed"
 
 
 def test_unregistered_node_key_is_refused(deployment: LoopbackDeployment) -> None:

@@ -118,6 +118,19 @@ def test_empty_poisson_batches_are_noise_only_steps(site) -> None:
     assert out["epsilon"] == pytest.approx(independent_epsilon(1.0, 1 / 3, 9), rel=1e-9)
 
 
+def test_a_round_of_only_empty_batches_reports_every_loss_term(site) -> None:
+    """The server aggregates metrics only over identical key sets: a site whose Poisson batches were
+    all empty must not look different (it once lacked the loss terms, and its update was rejected)."""
+    vocab, dataset = site
+    dp = DPConfig(noise_multiplier=1.0, budget_epsilon=1e6, secret_noise=False)
+    # 2 patients, batch 1: sample rate 1/2, 2 steps; with seed 36 both draws are empty, with 23 neither
+    empty, full = (LocalTrainer(make_model(vocab), Subset(dataset, range(2)), batch_size=1, seed=seed, dp=dp)
+                   .train_round("pretrain", progress=False) for seed in (36, 23))
+    assert empty["empty_batches"] == empty["steps"] == 2 and full["empty_batches"] == 0
+    assert set(empty) == set(full) and {"loss_total", "loss_rotation", "loss_invariance"} <= set(empty)
+    assert empty["loss_rotation"] == 0.0 < full["loss_rotation"]
+
+
 @pytest.mark.parametrize("enabled", [False, True], ids=["no-dp", "dp"])
 def test_same_seed_same_round(site, enabled: bool, tmp_path: Path) -> None:
     vocab, dataset = site

@@ -17,12 +17,13 @@ from collections.abc import Callable
 
 from flwr.app import Context, Error, Message
 
-from fedpir.client.site import Site
+from fedpir.client.site import Site, SiteDataError
 from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyLedger
 from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_plan, site_budget
 from fedpir.privacy.release import EvaluationAllowance, training_entries
 from fedpir.protocol import (
     BUDGET_EXHAUSTED,
+    DATA_UNAVAILABLE,
     LEDGER_UNTRUSTED,
     POLICY_REFUSED,
     RATE_LIMITED,
@@ -38,7 +39,8 @@ class RateLimited(Exception):
 
 
 _CODES: dict[type[Exception], int] = {PolicyViolation: POLICY_REFUSED, RateLimited: RATE_LIMITED,
-                                     BudgetExceededError: BUDGET_EXHAUSTED, LedgerError: LEDGER_UNTRUSTED}
+                                     BudgetExceededError: BUDGET_EXHAUSTED, LedgerError: LEDGER_UNTRUSTED,
+                                     SiteDataError: DATA_UNAVAILABLE}
 
 
 def error_reply(msg: Message, err: BaseException) -> Message:
@@ -50,7 +52,7 @@ def error_reply(msg: Message, err: BaseException) -> Message:
     if code == SITE_ERROR:
         log.exception("%s request failed; the server is told only error %d", kind, code, exc_info=err)
     else:
-        log.warning("%s request refused (error %d): %s", kind, code, err)
+        log.warning("%s request not served (error %d): %s", kind, code, err)
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import Subset
 from fedpir.client.trainer import LocalTrainer
 from fedpir.data.confinement import data_roots_from
 from fedpir.data.dataset import SiteDataset, load_site
+from fedpir.data.manifest import ManifestError
 from fedpir.data.patients import PatientDataset, patient_groups
 from fedpir.models.pir import build_model, objective_for, trainable_groups
 from fedpir.models.warm_start import RECORD_NAME, warm_start_record
@@ -51,6 +52,10 @@ def split_holdout(n: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> tupl
     return sorted(order[n_hold:]), sorted(order[:n_hold])
 
 
+class SiteDataError(ValueError):
+    """A site cannot serve: its data folder cannot be read, or holds no usable subject."""
+
+
 def split_patients(dataset: SiteDataset, seed: int) -> tuple[PatientDataset, Subset]:
     """Training patients (one DP sample each, see :class:`PatientDataset`) and every session of the
     held-out patients, split by :func:`split_holdout` over patients."""
@@ -62,13 +67,24 @@ def split_patients(dataset: SiteDataset, seed: int) -> tuple[PatientDataset, Sub
 
 def site_data(settings: RunSettings, data_dir: Path, name: str,
               data_roots: Sequence[Path] = ()) -> tuple[PatientDataset, Subset, list[str]]:
-    """A site's validated data, split into training and held-out patients, and its modalities."""
+    """A site's validated data, split into training and held-out patients, and its modalities.
+    Raises :class:`SiteDataError` (one line: what and what to do) when the site cannot serve."""
     size = settings.volume_size
-    dataset, report = load_site(data_dir, settings.vocabulary, (size, size, size), data_roots=data_roots)
+    try:
+        dataset, report = load_site(data_dir, settings.vocabulary, (size, size, size), data_roots=data_roots)
+    except (OSError, ManifestError) as err:
+        reason = (f"cannot read its data folder {data_dir} ({err.strerror}: {err.filename})"
+                  if isinstance(err, OSError) else str(err))
+        raise SiteDataError(f"site {name}: {reason}; check data-dir in the node config and that the SuperNode's "
+                            "user may read it") from err
     for issue in report.bad:
         log.warning("site %s: skipping %s", name, issue)
     for duplicate in report.duplicates:
         log.warning("site %s: %s", name, duplicate)
+    if not report.good:
+        first = f" (first: {report.bad[0]})" if report.bad else ""
+        raise SiteDataError(f"site {name}: no usable subject in {data_dir}, {len(report.bad)} refused{first}; "
+                            f"run `fedpir validate {data_dir}` and fix what it reports")
     train, holdout = split_patients(dataset, settings.seed)
     return train, holdout, _site_modalities(dataset)
 

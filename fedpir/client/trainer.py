@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from fedpir.models.evaluation import evaluate as evaluate_model
-from fedpir.models.losses import LossConfig, finetune_losses, pretrain_losses
+from fedpir.models.losses import LossConfig, finetune_losses, loss_terms, pretrain_losses
 from fedpir.models.pir import OBJECTIVE_MODULES, PARAMETER_GROUPS, PIRNet
 from fedpir.privacy.at_rest import PLAINTEXT, StateCipher
 from fedpir.privacy.budget import PrivacyBudget, PrivacyLedger
@@ -214,7 +214,8 @@ class LocalTrainer:
         ``mu/2 ||w - w_start||^2``, decoupled from the (noisy) data gradient. It depends on no
         patient, so under DP it is post-processing and costs no privacy.
 
-        Returns the patient-weighted mean of each loss term over the round (``loss_<term>``),
+        Returns the patient-weighted mean of each loss term over the round (``loss_<term>``, every
+        term of :func:`~fedpir.models.losses.loss_terms`: 0 in a round whose Poisson batches were all empty),
         ``epsilon`` spent so far and ``delta`` (private rounds only), ``dp`` (1.0 or 0.0),
         ``n_patients``, ``steps``, ``empty_batches`` (Poisson batches without patients: a
         noise-only step each) and ``seconds``. Raises BudgetExceededError, with nothing changed,
@@ -279,7 +280,7 @@ class LocalTrainer:
                     raise RuntimeError(f"accountant counted {counted} steps, planned {plan.steps}")
             elif completed:
                 self.ledger.append({"dp": False, "objective": objective, "steps": steps, **record})
-        metrics = {f"loss_{name}": total / max(patients, 1) for name, total in sums.items()}
+        metrics = {f"loss_{name}": sums[name] / max(patients, 1) for name in loss_terms(objective, self.loss_cfg)}
         metrics.update(
             dp=float(self.budget is not None),
             n_patients=float(self.n_patients),

@@ -190,6 +190,16 @@ def _anatomical_term(net: PIRNet, views: tuple[Tensor, Tensor], m: int, seeds: l
     return info_nce(embeddings[0], embeddings[1], cfg.temperature)
 
 
+def _pretrain_terms(cfg: LossConfig) -> list[str]:
+    return [*CORE_TERMS, *["mim"] * cfg.mim, *["anatomical"] * cfg.anatomical]
+
+
+def loss_terms(objective: str, cfg: LossConfig) -> list[str]:
+    """The names of the terms a round of ``objective`` computes ("pretrain": :func:`pretrain_losses`,
+    else the fine-tuning task: :func:`finetune_losses`), "total" last."""
+    return [*(_pretrain_terms(cfg) if objective == "pretrain" else [objective]), "total"]
+
+
 def pretrain_losses(
     model: nn.Module, batch: dict[str, Tensor], cfg: LossConfig | None = None, generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
@@ -213,8 +223,7 @@ def pretrain_losses(
         raise ValueError("no patient in the batch has any modality: nothing to pretrain on")
     seeds = patient_seeds(image.shape[0], batch.get("seed"), generator)
     weights = present.to(image.dtype)
-    names = list(CORE_TERMS)
-    names += ["mim"] * cfg.mim + ["anatomical"] * cfg.anatomical
+    names = _pretrain_terms(cfg)
     terms = {name: image.new_zeros(image.shape[0]) for name in names}
     levels: dict[int, list[Tensor]] = {}
     for m in torch.nonzero(present.any(0)).flatten().tolist():

@@ -55,22 +55,53 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def site_name(msg: Message) -> str:
-    """The site a reply came from (its self-declared name, else the Flower node id)."""
+def site_name(msg: Message, sent_to: dict[str, int] | None = None) -> str:
+    """The site a reply came from: its self-declared name, else the node the instruction went to
+    (``sent_to``: message id -> node id; an error the SuperLink writes for an unreachable node comes
+    from the SuperLink itself), else the reply's source node id."""
     if not msg.has_error() and "site" in msg.content.config_records:
         return str(msg.content.config_records["site"].get("name", msg.metadata.src_node_id))
-    return str(msg.metadata.src_node_id)
+    return str((sent_to or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
 
 
-def _log_replies(metrics_log: MetricsLog, kind: str, stage: str, rnd: int, replies: list[Message]) -> None:
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[list[Message], dict[str, int]]:
+    """Send ``messages`` and wait for the replies; also returns message id -> destination node id
+    (Flower sets the ids while pushing)."""
+    messages = list(messages)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    return replies, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+
+
+def _log_replies(metrics_log: MetricsLog, kind: str, stage: str, rnd: int, replies: list[Message],
+                 sent_to: dict[str, int]) -> None:
+    """Per-site records of a round: metrics, errors, and an error for each node that never replied."""
+    silent = set(sent_to) - {m.metadata.reply_to_message_id for m in replies}
+    errors = [(site_name(m, sent_to), f"error {m.error.code}: {m.error.reason}") for m in replies if m.has_error()]
+    errors += [(str(sent_to[i]), "no reply within round-timeout") for i in sorted(silent)]
+    for site, reason in errors:
+        metrics_log.write(kind=f"{kind}-error", stage=stage, round=rnd, site=site, error=reason)
+        log.warning("round %d %s: site %s failed: %s", rnd, kind, site, reason)
     for msg in replies:
-        if msg.has_error():
-            metrics_log.write(kind=f"{kind}-error", stage=stage, round=rnd, site=site_name(msg),
-                              error=msg.error.reason)
-            log.warning("round %d %s: site %s failed: %s", rnd, kind, site_name(msg), msg.error.reason)
-            continue
-        for record in msg.content.metric_records.values():
+        for record in ([] if msg.has_error() else msg.content.metric_records.values()):
             metrics_log.write(kind=kind, stage=stage, round=rnd, site=site_name(msg), metrics=dict(record))
+
+
+def _log_rejections(metrics_log: MetricsLog, strategy: Strategy, stage: str, rnd: int) -> None:
+    """The replies the strategy screened out in the latest round, with the reasons."""
+    for rejection in getattr(strategy, "rejections", []):
+        metrics_log.write(kind="rejected", stage=stage, round=rnd, rejection=rejection)
+
+
+class RoundFailedError(RuntimeError):
+    """A round produced no aggregate (too few usable updates): the run stops at its last checkpoint."""
+
+
+def _round_failed(stage: str, rnd: int, replies: list[Message], sent_to: dict[str, int]) -> RoundFailedError:
+    errors = "; ".join(f"site {site_name(m, sent_to)}: {m.error.reason}" for m in replies if m.has_error())
+    return RoundFailedError(
+        f"round {rnd} ({stage}): too few usable updates to aggregate ({len(replies)} replies from {len(sent_to)} sites"
+        f"{', errors: ' + errors if errors else ''}); the run stops after round {rnd - 1}: see metrics.jsonl (train-error, "
+        "rejected), fix the sites, then `flwr run` again with the same run-dir to resume")
 
 
 def run_federation(
@@ -86,7 +117,9 @@ def run_federation(
     checkpoint of this same run (``fingerprint``: the settings that define it; a checkpoint of
     other settings raises :class:`~fedpir.server.checkpoint.ResumeError`).
 
-    Returns the final global shared arrays.
+    A round whose updates cannot be aggregated (fewer than the strategy's minimum usable, e.g. every
+    site refused) stops the run with :class:`RoundFailedError` rather than finish with a model nobody
+    trained. Returns the final global shared arrays.
     """
     store = CheckpointStore(run_dir, fingerprint or {})
     metrics_log = MetricsLog(Path(run_dir) / "metrics.jsonl")
@@ -106,25 +139,24 @@ def run_federation(
             config = ConfigRecord({**stage.config, STAGE_KEY: stage.name, ROUND_KEY: global_round})
             log.info("[%s round %d/%d] (global round %d)", stage.name, stage_round, stage.rounds, global_round)
 
-            replies = list(grid.send_and_receive(
-                strategy.configure_train(global_round, arrays, config, grid), timeout=timeout))
-            _log_replies(metrics_log, "train", stage.name, global_round, replies)
+            replies, sent_to = exchange(grid, strategy.configure_train(global_round, arrays, config, grid), timeout)
+            _log_replies(metrics_log, "train", stage.name, global_round, replies, sent_to)
             new_arrays, train_metrics = strategy.aggregate_train(global_round, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-            else:
-                log.warning("round %d: no valid update; keeping the previous global model", global_round)
+            if new_arrays is None:
+                error = _round_failed(stage.name, global_round, replies, sent_to)
+                _log_rejections(metrics_log, strategy, stage.name, global_round)
+                metrics_log.write(kind="round-failed", stage=stage.name, round=global_round, error=str(error))
+                raise error
+            arrays = new_arrays
             metrics_log.write(kind="train-aggregate", stage=stage.name, round=global_round,
                               metrics=dict(train_metrics or {}))
 
-            replies = list(grid.send_and_receive(
-                strategy.configure_evaluate(global_round, arrays, config, grid), timeout=timeout))
-            _log_replies(metrics_log, "evaluate", stage.name, global_round, replies)
+            replies, sent_to = exchange(grid, strategy.configure_evaluate(global_round, arrays, config, grid), timeout)
+            _log_replies(metrics_log, "evaluate", stage.name, global_round, replies, sent_to)
             eval_metrics = strategy.aggregate_evaluate(global_round, replies)
             metrics_log.write(kind="evaluate-aggregate", stage=stage.name, round=global_round,
                               metrics=dict(eval_metrics or {}))
-            for rejection in getattr(strategy, "rejections", []):
-                metrics_log.write(kind="rejected", stage=stage.name, round=global_round, rejection=rejection)
+            _log_rejections(metrics_log, strategy, stage.name, global_round)
 
             store.save(Checkpoint(global_round, stage.name, stage_round, arrays, strategy_state(strategy)))
     return arrays

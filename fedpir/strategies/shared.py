@@ -67,8 +67,8 @@ class SharedOnlyMixin:
             content in the latest aggregation (rejected ones included), for per-site logging.
 
     If fewer than ``min_train_nodes`` replies are accepted, ``aggregate_train`` returns
-    ``(None, None)``; Flower's ``Strategy.start`` (and fedpir's server loop) then keep the
-    previous global model.
+    ``(None, None)``; Flower's ``Strategy.start`` then keeps the previous global model, fedpir's
+    server loop stops the run at its last checkpoint (:mod:`fedpir.server.rounds`).
     """
 
     # Provided by the Flower parent strategy.
