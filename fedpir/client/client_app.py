@@ -24,6 +24,7 @@ from fedpir.client.site import Site, site_state_dir
 from fedpir.deployment.approval import require_guard_mod
 from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
 from fedpir.run_config import RunSettings
+from fedpir.transfer import encode_reply
 
 _SITES: dict[tuple, Site] = {}
 
@@ -76,10 +77,12 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
         """Load the global shared weights, train locally under DP, reply with the shared weights only."""
         site = site_for(context, settings)
         config = msg.content["config"]
-        site.load_global(msg.content["arrays"].to_torch_state_dict())
+        received = msg.content["arrays"].to_torch_state_dict()
+        site.load_global(received)
         metrics = site.train(str(config[STAGE_KEY]), epochs=int(config.get(EPOCHS_KEY, site.settings.local_epochs)),
                              proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
-        return _reply(msg, site, metrics, len(site.train_set), ArrayRecord(site.sent_state()))
+        sent = encode_reply(site.sent_state(), received, site.settings.transfer_dtype)
+        return _reply(msg, site, metrics, len(site.train_set), sent)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
