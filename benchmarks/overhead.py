@@ -14,11 +14,11 @@ start-up is reported on its own) and on the whole run. Without DP: its cost is b
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +36,15 @@ PARTS: tuple[str, ...] = ("startup", "site_setup", "training", "local_other", "s
                           "transport")
 
 
-def plain_loop(settings: RunSettings) -> dict[str, Any]:
+def plain_loop(settings: RunSettings, threads: int) -> dict[str, Any]:
     """The federated schedule in one process without Flower: seconds to build the sites, per round, and
-    in the training loops. Torch uses every core, as a simulated site that reserves them all does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    in the training loops, with ``threads`` torch threads (those the simulated sites had)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         return _plain_rounds(settings)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def _plain_rounds(settings: RunSettings) -> dict[str, Any]:
@@ -73,10 +73,10 @@ def _plain_rounds(settings: RunSettings) -> dict[str, Any]:
 
 def measure(settings: RunSettings, work: Path) -> dict[str, Any]:
     """The federated and the plain run of ``settings`` and their ratios."""
-    fed = synthetic_federation(RunSettings(**{**settings.__dict__, "run_dir": str(work / "data")}))
-    plain = plain_loop(RunSettings(**{**settings.__dict__, "federation_dir": str(fed), "run_dir": str(work / "plain")}))
-    run = run_probed(RunSettings(**{**settings.__dict__, "federation_dir": str(fed), "run_dir": str(work / "flower")}),
-                     work)
+    fed = synthetic_federation(replace(settings, run_dir=str(work / "data")))
+    run = run_probed(replace(settings, federation_dir=str(fed), run_dir=str(work / "flower")), work)
+    site_threads = sorted({m["threads"] for m in run.messages})
+    plain = plain_loop(replace(settings, federation_dir=str(fed), run_dir=str(work / "plain")), site_threads[-1])
     per_round = run.per_round()
     steady = per_round[1:] or per_round
     fed_round = statistics.median(r["wall"] for r in steady)
@@ -88,7 +88,7 @@ def measure(settings: RunSettings, work: Path) -> dict[str, Any]:
         "federated_round_s": fed_round, "plain_round_s": plain_round,
         "federated_run_s": run.wall, "plain_run_s": plain_total, "plain_setup_s": plain["setup_s"],
         "plain_rounds_s": plain["round_s"], "plain_training_s_per_round": plain["training_s"],
-        "plain_torch_threads": plain["threads"], "site_torch_threads": sorted({m["threads"] for m in run.messages}),
+        "plain_torch_threads": plain["threads"], "site_torch_threads": site_threads,
         "first_round": per_round[0],
         "steady_round": {p: statistics.median(r.get(p, 0.0) for r in steady) for p in PARTS if p != "startup"},
         "rounds": per_round,
