@@ -10,7 +10,7 @@ noise multiplier, so that no site spends seconds searching for one). Peak memory
 memory of that process and of everything it starts (Ray's processes and workers). A number of
 sites that fails or exceeds ``--memory-limit`` ends the sweep.
 
-    python -m benchmarks.scale [--sites 4,16,64 --subjects 4 --size 16 --plot docs/results/scale.png]
+    python -m benchmarks.scale [--sites 4,16,64 --subjects 3 --size 16 --plot docs/results/scale.png]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--sites", default="4,16,64", help="comma list of numbers of simulated sites, increasing")
-    p.add_argument("--subjects", type=int, default=4, help="patients per site (one held out)")
+    p.add_argument("--subjects", type=int, default=3, help="patients per site (one held out)")
     p.add_argument("--size", type=int, default=16, help="volume edge in voxels")
     p.add_argument("--distinct", type=int, default=4, help="sites with data of their own; the others link to them")
     p.add_argument("--memory-limit", type=float, default=24.0, help="GiB; a run above it ends the sweep")

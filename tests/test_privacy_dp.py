@@ -255,3 +255,14 @@ def test_budget_refusal_and_ledger_restore(tmp_path) -> None:
     ledger.path.write_text(ledger.path.read_text() + "{broken\n")
     with pytest.raises(LedgerError, match="unreadable"):
         PrivacyLedger.in_dir(tmp_path)
+
+
+def test_functorch_is_the_default_per_patient_gradient_mode() -> None:
+    """The faster and leaner mode measured by benchmarks/dp_cost.py; both are exact (test above)."""
+    assert GRAD_SAMPLE_MODE == "functorch"
+    pm, _ = private(TinyPatientNet(), patients(4), batch_size=2, sigma=1.0, clip=1.0, budget=PrivacyBudget(100.0, 1e-5))
+    assert pm.module.force_functorch
+    pm.close()
+    with pytest.raises(ValueError, match="grad_sample_mode must be one of"):
+        private(TinyPatientNet(), patients(4), batch_size=2, sigma=1.0, clip=1.0, budget=PrivacyBudget(100.0, 1e-5),
+                mode="ew")
