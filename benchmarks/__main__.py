@@ -1,5 +1,7 @@
-"""Run every cost benchmark with its small defaults, one after another, and append their records
-(one JSON object each, sharing a run id) to the results file; then print the cost table.
+"""Run every cost benchmark with its small defaults, one after another, each in a process of its own
+(a simulation engine that ran in this process would hang the forked children of the next one), and
+append their records (one JSON object each, sharing a run id) to the results file; then print the
+cost table.
 
     python -m benchmarks [--device cpu] [--only overhead,dp_cost] [--results docs/results/benchmarks.jsonl]
 
@@ -8,8 +10,9 @@
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -34,13 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[RUN_ID_ENV] = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     start, failed, records = time.perf_counter(), [], []
     for name in names:
-        module = importlib.import_module(f"benchmarks.{name}")
         begin = time.perf_counter()
-        try:
-            records.append(module.main(["--device", args.device, "--results", args.results]))
-        except Exception as exc:  # noqa: BLE001 - one failed benchmark must not hide the others' figures
+        done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--device", args.device,
+                               "--results", args.results], stdout=subprocess.PIPE, text=True)
+        if done.returncode == 0:
+            records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        else:  # one failed benchmark must not hide the others' figures
             failed.append(name)
-            print(f"benchmark {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"benchmark {name} failed with exit code {done.returncode} (its output is above)", file=sys.stderr)
         print(f"benchmark {name}: {time.perf_counter() - begin:.0f} s", file=sys.stderr, flush=True)
     print(f"all benchmarks: {time.perf_counter() - start:.0f} s (results in {args.results or 'no file'})",
           file=sys.stderr)

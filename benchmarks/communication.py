@@ -8,7 +8,9 @@ engine, and for the arrays alone of a reply encoded here. Dice: the same federat
 replayable DP noise (``secret-noise = false``) run once per encoding, so that a seed's runs differ
 only in the encoding; the final held-out Dice (mean over sites) per encoding and its paired
 difference to float32. The run is the default recipe (public warm start, DP at epsilon 8,
-fine-tuning norms, adapters, prior and task output layer), shortened (``--rounds``, ``--subjects``).
+fine-tuning norms, adapters, prior and task output layer; of these only the prior is shared, so
+``--trainable all`` is the case where the encoding touches much of what trains), shortened
+(``--rounds``, ``--subjects``).
 
     python -m benchmarks.communication [--dtypes float32,float16,int8 --seeds 0 --rounds 2 --subjects 8]
 """
@@ -53,7 +55,7 @@ def array_bytes(settings: RunSettings, dtype: str) -> int:
 
 def dice_runs(settings: RunSettings, dtypes: Sequence[str], seeds: Sequence[int], work: Path) -> dict[str, Any]:
     """Per encoding: the final Dice of each seed's run and the bytes of its train replies."""
-    out: dict[str, Any] = {d: {"dice": [], "reply_bytes": []} for d in dtypes}
+    out: dict[str, Any] = {d: {"dice": [], "reply_bytes": [], "rejected": 0} for d in dtypes}
     for seed in seeds:
         fed = synthetic_federation(replace(settings, seed=seed, run_dir=str(work / f"data-{seed}")))
         for dtype in dtypes:
@@ -62,6 +64,7 @@ def dice_runs(settings: RunSettings, dtypes: Sequence[str], seeds: Sequence[int]
                                      run_dir=str(run_dir)), run_dir)
             out[dtype]["dice"].append(run.final_metric("dice"))
             out[dtype]["reply_bytes"] += [m["reply_bytes"] for m in run.messages if m["kind"] == "train"]
+            out[dtype]["rejected"] += sum(1 for r in run.server_log if r["kind"] == "rejected")
     return out
 
 
@@ -73,11 +76,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sites", type=int, default=4)
     p.add_argument("--subjects", type=int, default=8, help="patients per site")
     p.add_argument("--size", type=int, default=RunSettings().volume_size)
+    p.add_argument("--trainable", default=RunSettings().finetune_trainable,
+                   help="fine-tuned parameter groups (default: the recipe's; 'all' also trains the shared encoder)")
     p.add_argument("--warm-start", default="auto", help="auto (the cached public warm start, built if missing) or none")
     args = p.parse_args(argv)
     dtypes, seeds = args.dtypes.split(","), [int(s) for s in args.seeds.split(",")]
     settings = RunSettings(num_sites=args.sites, subjects_per_site=args.subjects, volume_size=args.size,
-                           finetune_rounds=args.rounds, secret_noise=False, device=args.device, min_sites=args.sites)
+                           finetune_rounds=args.rounds, secret_noise=False, device=args.device, min_sites=args.sites,
+                           finetune_trainable=args.trainable)
     if args.warm_start == "auto":
         path, sha = cached_warm_start(settings, settings.invariance_weight)
         settings = replace(settings, warm_start=path, warm_start_sha256=sha)
@@ -89,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dice, sent = runs[dtype]["dice"], runs[dtype]["reply_bytes"]
         row = {"array_bytes": array_bytes(settings, dtype), "reply_bytes": statistics.median(sent),
                "ratio_to_fp32": ratio(statistics.median(sent), fp32), "dice": dice,
-               "dice_mean": float(np.mean(dice))}
+               "dice_mean": float(np.mean(dice)), "rejected_replies": runs[dtype]["rejected"]}
         if "float32" in runs:
             row["dice_minus_float32"] = [a - b for a, b in zip(dice, runs["float32"]["dice"], strict=True)]
         rows[dtype] = row

@@ -8,7 +8,10 @@ this process (the FedAvg is a weighted mean in torch); the federated run is the 
 ClientApp with one simulated SuperNode per site (sites run one at a time, each on every core, as
 ``fedpir simulate`` runs them). The ratio is taken on the fastest round after the first of each (the
 minimum is the figure least disturbed by other jobs on a shared machine; the engine's start-up is
-reported on its own) and on the whole run. Without DP: its cost is benchmarks.dp_cost's.
+reported on its own) and on the whole run. The plain loop runs before and after the federated run
+(the faster of the two counts). Within the federated round itself, ``ratio_round_from_parts`` is
+its wall time over its wall time less the parts the plain loop does not have (FRAMEWORK_PARTS):
+the overhead as one run measures it, free of load changes between the two runs. Without DP: its cost is benchmarks.dp_cost's.
 
     python -m benchmarks.overhead [--sites 4 --subjects 8 --size 16 --rounds 4 --device cpu]
 """
@@ -32,6 +35,9 @@ from fedpir.run_config import RunSettings
 from fedpir.simulation.prepare import synthetic_federation
 from fedpir.simulation.runner import site_names
 
+#: The parts of a round that the plain loop does not have (Flower's messaging, the server's screening
+#: and aggregation, the engine's queues and polling).
+FRAMEWORK_PARTS: tuple[str, ...] = ("serialization", "aggregation", "transport")
 #: The round's parts, in the order the table lists them (benchmarks.engine_probe.breakdown).
 PARTS: tuple[str, ...] = ("startup", "site_setup", "training", "local_other", "serialization", "aggregation",
                           "transport")
@@ -75,21 +81,27 @@ def _plain_rounds(settings: RunSettings) -> dict[str, Any]:
 def measure(settings: RunSettings, work: Path) -> dict[str, Any]:
     """The federated and the plain run of ``settings`` and their ratios."""
     fed = synthetic_federation(replace(settings, run_dir=str(work / "data")))
+    before = plain_loop(replace(settings, federation_dir=str(fed), run_dir=str(work / "plain-before")),
+                        torch.get_num_threads())
     run = run_probed(replace(settings, federation_dir=str(fed), run_dir=str(work / "flower")), work)
     site_threads = sorted({m["threads"] for m in run.messages})
-    plain = plain_loop(replace(settings, federation_dir=str(fed), run_dir=str(work / "plain")), site_threads[-1])
+    after = plain_loop(replace(settings, federation_dir=str(fed), run_dir=str(work / "plain-after")), site_threads[-1])
+    plain = min(before, after, key=lambda p: min(p["round_s"][1:] or p["round_s"]))
     per_round = run.per_round()
     steady = per_round[1:] or per_round
     fastest = min(steady, key=lambda r: r["wall"])
     fed_round = fastest["wall"]
     plain_round = min(plain["round_s"][1:] or plain["round_s"])
     plain_total = plain["setup_s"] + sum(plain["round_s"])
+    framework = sum(fastest.get(p, 0.0) for p in FRAMEWORK_PARTS)
     return {
         "ratio_round": ratio(fed_round, plain_round),
+        "ratio_round_from_parts": ratio(fed_round, fed_round - framework),
         "ratio_run": ratio(run.wall, plain_total),
         "federated_round_s": fed_round, "plain_round_s": plain_round,
         "federated_run_s": run.wall, "plain_run_s": plain_total, "plain_setup_s": plain["setup_s"],
-        "plain_rounds_s": plain["round_s"], "plain_training_s_per_round": plain["training_s"],
+        "plain_rounds_s": plain["round_s"], "plain_rounds_before_s": before["round_s"],
+        "plain_rounds_after_s": after["round_s"], "plain_training_s_per_round": plain["training_s"],
         "plain_torch_threads": plain["threads"], "site_torch_threads": site_threads,
         "first_round": per_round[0],
         "steady_round": {p: fastest.get(p, 0.0) for p in PARTS if p != "startup"},

@@ -74,6 +74,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     sec.plot(n, [r["later_round_s"] for r in done], "s-", label="round 2")
     sec.set(xlabel="simulated sites", ylabel="seconds", xscale="log", yscale="log", title="seconds per round")
     sec.legend()
+    for ax in (mem, sec):
+        ax.minorticks_off()
+        ax.set_xticks(n, [str(x) for x in n])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

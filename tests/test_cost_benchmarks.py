@@ -67,6 +67,8 @@ def test_dp_cost(results: Path) -> None:
 def test_overhead_on_the_simulation_engine(results: Path) -> None:
     f = run(overhead, results, "--sites", "2", "--subjects", "4", "--size", "16", "--rounds", "2")["figures"]
     assert f["ratio_round"] == pytest.approx(f["federated_round_s"] / f["plain_round_s"])
+    assert f["plain_round_s"] == min(f["plain_rounds_s"][1:]) and len(f["plain_rounds_before_s"]) == 2
+    assert 1.0 < f["ratio_round_from_parts"] < f["federated_round_s"] / f["steady_round"]["training"]
     assert len(f["rounds"]) == 2 and f["first_round"]["startup"] > 0
     steady = f["steady_round"]
     assert steady["training"] > 0 and steady["serialization"] > 0
@@ -87,13 +89,13 @@ def test_cost_table_from_the_records(results: Path, tmp_path: Path) -> None:
     text = cost_table.table(records)
     latest = cost_table.newest(records)
     assert latest  # the tests above wrote records
-    for name, record in latest.items():
-        assert cost_table.SECTIONS[name](record)[0] in text
+    for name, variants in latest.items():
+        assert cost_table.SECTIONS[name](variants[-1])[0] in text
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Cost\n\n{cost_table.BEGIN}\nold\n{cost_table.END}\n\n## Next\n")
+    readme.write_text(f"# x\n\n## Cost\n\n{cost_table.BEGIN}\nSTALE-TABLE\n{cost_table.END}\n\n## Next\n")
     assert cost_table.main(["--results", str(results), "--readme", str(readme)]) == 0
     content = readme.read_text()
-    assert "old" not in content and text in content and content.endswith("## Next\n")
+    assert "STALE-TABLE" not in content and text in content and content.endswith("## Next\n")
 
 
 def test_suite_runs_the_chosen_benchmarks(results: Path, capsys: pytest.CaptureFixture) -> None:
@@ -110,6 +112,7 @@ def test_communication_on_the_simulation_engine(results: Path) -> None:
             "--rounds", "1", "--dtypes", "float32,int8")["figures"]
     assert f["dtypes"]["float32"]["ratio_to_fp32"] <= 1.02
     assert f["dtypes"]["int8"]["ratio_to_fp32"] < 0.3
+    assert f["dtypes"]["int8"]["rejected_replies"] == 0  # the server decoded every int8 reply
     assert len(f["dtypes"]["int8"]["dice_minus_float32"]) == 1
 
 
