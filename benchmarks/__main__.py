@@ -1,5 +1,5 @@
 """Run every cost benchmark with its small defaults, one after another, each in a process of its own
-(a simulation engine that ran in this process would hang the forked children of the next one), and
+(each starts from a clean process: no engine, threads or allocations of the one before), and
 append their records (one JSON object each, sharing a run id) to the results file; then print the
 cost table.
 

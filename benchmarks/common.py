@@ -157,11 +157,12 @@ def _child(queue: Any, fn: Callable[..., dict[str, Any]], threads: int, kwargs: 
                    "error": f"{type(exc).__name__}: {exc}"})
 
 
-def in_child(fn: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
-    """``fn(**kwargs)`` in a forked process, so that its peak memory is its own, with this process'
-    torch threads; an exception becomes an ``error`` entry. Fork, not spawn: the child starts with
-    the modules imported (the callers never touch CUDA before forking)."""
-    ctx = multiprocessing.get_context("fork")
+def in_child(fn: Callable[..., dict[str, Any]], start: str = "fork", **kwargs: Any) -> dict[str, Any]:
+    """``fn(**kwargs)`` in a process of its own, so that its peak memory is its own, with this process'
+    torch threads; an exception becomes an ``error`` entry. ``start`` is the multiprocessing start
+    method: "fork" starts with the modules imported (never after CUDA was used); "spawn" for work that
+    runs Flower's simulation engine (a forked child of a process that ran it hangs in Ray's gRPC)."""
+    ctx = multiprocessing.get_context(start)
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, torch.get_num_threads(), kwargs))
     proc.start()

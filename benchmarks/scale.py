@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         settings = RunSettings(num_sites=n, subjects_per_site=args.subjects, volume_size=args.size, finetune_rounds=2,
                                noise_multiplier=1.0, epsilon_budget=1e3, device=args.device, min_sites=n)
         with tempfile.TemporaryDirectory(prefix="fedpir-scale-") as tmp:
-            row = in_child(run_sites, settings=settings, work=tmp, distinct=args.distinct)
+            row = in_child(run_sites, start="spawn", settings=settings, work=tmp, distinct=args.distinct)
         rows.append(row)
         if not row.get("completed") or row.get("peak_gib", 0) > args.memory_limit:
             break
