@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedpir.transfer import check_transfer_dtype
+
 #: Which state-dict keys a site sends to the server (the baselines differ from fedpir here; "local" sends
 #: nothing). The keys of each policy are declared on the model: PIRNet.federated_keys.
 KEY_POLICIES: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper", "local")
@@ -58,6 +60,7 @@ class RunSettings:
     warm_start_sha256: str = ""  # its checksum, checked by the server and every site
     augment_views: int = 2  # fine-tuning: augmented views averaged per patient before clipping (0: none)
     invariance_weight: float = 1.0  # weight of the invariance term (0: the fedpir-noinv ablation)
+    transfer_dtype: str = "float32"  # how a site sends its shared weights: float32, float16, int8 (fedpir.transfer)
     min_sites: int = 2
     round_timeout: float = 600.0
 
@@ -66,6 +69,7 @@ class RunSettings:
             raise ValueError(f"key-policy {self.key_policy!r} unknown; valid: {', '.join(KEY_POLICIES)}")
         if self.finetune_task not in ("segmentation", "classification"):
             raise ValueError(f"finetune-task must be segmentation or classification, not {self.finetune_task!r}")
+        check_transfer_dtype(self.transfer_dtype)
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         site_sizes(self.subjects_per_site, self.num_sites)  # raises on a bad size list

@@ -26,6 +26,7 @@ from fedpir.privacy.policy import DEFAULT_POLICY, SitePolicy, load_policy, polic
 from fedpir.privacy.release import RELEASE_OBJECTIVE, release
 from fedpir.privacy.signing import PUBLIC_KEY_NAME, load_public_key
 from fedpir.protocol import (
+    DATA_UNAVAILABLE,
     EPOCHS_KEY,
     LEDGER_UNTRUSTED,
     NUM_EXAMPLES_KEY,
@@ -201,7 +202,7 @@ def test_a_site_another_worker_trained_is_reloaded_not_refused(tmp_path: Path, s
 def test_error_replies_carry_a_code_and_no_details(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-site"
     reply = send("train", settings_for(tmp_path), missing, tmp_path / "state")
-    assert_refused(reply, SITE_ERROR, str(missing), "no-such-site")
+    assert_refused(reply, DATA_UNAVAILABLE, str(missing), "no-such-site")
     # a hospital's node without a state folder of its own would start a fresh ledger in every run folder
     assert_refused(send("train", settings_for(tmp_path), missing, None), SITE_ERROR)
     assert not (tmp_path / "run").exists()

@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader
 
 from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyBudget, PrivacyLedger
 from fedpir.privacy.dp import (
+    GRAD_SAMPLE_MODE,
+    GRAD_SAMPLE_MODES,
     DPConfig,
     PrivateModel,
     RoundPlan,
@@ -60,13 +62,14 @@ def patients(n: int, seed: int = 0) -> list[dict]:
     ]
 
 
-def private(model: nn.Module, data: list[dict], *, batch_size: int, sigma: float, clip: float, budget: PrivacyBudget):
+def private(model: nn.Module, data: list[dict], *, batch_size: int, sigma: float, clip: float, budget: PrivacyBudget,
+            mode: str = GRAD_SAMPLE_MODE):
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_patients, generator=torch.Generator().manual_seed(0))
     plan = RoundPlan(sample_rate=1 / len(loader), steps=len(loader), noise_multiplier=sigma, max_grad_norm=clip)
     params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("unused")]
     return PrivateModel(
         model, torch.optim.SGD(params, lr=0.1), loader, accountant=budget.accountant, plan=plan,
-        noise_generator=torch.Generator().manual_seed(1),
+        noise_generator=torch.Generator().manual_seed(1), grad_sample_mode=mode,
     ), plan
 
 
@@ -153,13 +156,16 @@ def tiny_case(request: pytest.FixtureRequest):
     return TinyPatientNet(), lambda net, batch: net.loss(batch), patients(6)
 
 
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 @pytest.mark.parametrize("case", [tiny_case, pirnet_case], ids=["tiny", "pirnet"])
-def test_per_patient_gradients_are_clipped(case, request: pytest.FixtureRequest) -> None:
-    """Opacus' per-sample grads are each patient's own gradient (computed alone on an untouched
-    copy), and what DP-SGD sums before noise is each of them clipped to max_grad_norm."""
+def test_per_patient_gradients_are_clipped(case, mode: str, request: pytest.FixtureRequest) -> None:
+    """Opacus' per-sample grads, in every grad_sample_mode fedpir allows, are each patient's own
+    gradient (computed alone on an untouched copy), and what DP-SGD sums before noise is each of
+    them clipped to max_grad_norm."""
     model, loss, items = case(request)
     reference = copy.deepcopy(model)
-    pm, _ = private(model, items, batch_size=len(items), sigma=0.0, clip=1.0, budget=PrivacyBudget(100.0, 1e-5))
+    pm, _ = private(model, items, batch_size=len(items), sigma=0.0, clip=1.0, budget=PrivacyBudget(100.0, 1e-5),
+                    mode=mode)
     batch = collate_patients(items)
     pm.module.train()
     loss(model, batch).backward()
@@ -249,3 +255,14 @@ def test_budget_refusal_and_ledger_restore(tmp_path) -> None:
     ledger.path.write_text(ledger.path.read_text() + "{broken\n")
     with pytest.raises(LedgerError, match="unreadable"):
         PrivacyLedger.in_dir(tmp_path)
+
+
+def test_functorch_is_the_default_per_patient_gradient_mode() -> None:
+    """The faster and leaner mode measured by benchmarks/dp_cost.py; both are exact (test above)."""
+    assert GRAD_SAMPLE_MODE == "functorch"
+    pm, _ = private(TinyPatientNet(), patients(4), batch_size=2, sigma=1.0, clip=1.0, budget=PrivacyBudget(100.0, 1e-5))
+    assert pm.module.force_functorch
+    pm.close()
+    with pytest.raises(ValueError, match="grad_sample_mode must be one of"):
+        private(TinyPatientNet(), patients(4), batch_size=2, sigma=1.0, clip=1.0, budget=PrivacyBudget(100.0, 1e-5),
+                mode="ew")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -43,6 +44,7 @@ from fedpir.strategies import (
     SharedFedYogi,
     make_strategy,
 )
+from fedpir.transfer import encode_reply
 
 VOCAB = ("t1", "t2", "flair")
 SHAPES = {
@@ -385,3 +387,32 @@ def test_factory() -> None:
         make_strategy("modality")
     with pytest.raises(ValueError, match="max_update_norm"):
         make_strategy("fedavg", max_update_norm=0)
+
+
+def encoding_site(delta_seed: int, n: int, dtype: str) -> Site:
+    """A site that replies like ``site`` but encodes its weights for ``dtype`` (fedpir.transfer)."""
+    plain = site(delta_seed, n)
+
+    def answer(request: Message) -> Message:
+        reply = plain(request)
+        if request.metadata.message_type == MessageType.TRAIN:
+            sent = {k: torch.from_numpy(a.numpy()) for k, a in reply.content["arrays"].items()}
+            reply.content["arrays"] = encode_reply(sent, {k: torch.from_numpy(v) for k, v in received(request).items()},
+                                                   dtype)
+        return reply
+
+    return answer
+
+
+@pytest.mark.parametrize("dtype,atol", [("float16", 1e-4), ("int8", 2e-3)])
+def test_compressed_replies_are_decoded_before_aggregation(dtype: str, atol: float) -> None:
+    g = make_global()
+    exact, _, _ = train_round(SharedFedAvg(), g, {1: site(1, n=2), 2: site(2, n=3)})
+    strategy = SharedFedAvg(transfer_dtype=dtype)
+    arrays, _, _ = train_round(strategy, g, {1: encoding_site(1, 2, dtype), 2: encoding_site(2, 3, dtype)})
+    assert strategy.rejections == []
+    for key, value in numpy_of(exact).items():
+        np.testing.assert_allclose(arrays[key].numpy(), value, atol=atol)
+    mismatched = SharedFedAvg(transfer_dtype="int8", min_train_nodes=1)  # a float16 site in an int8 run
+    train_round(mismatched, g, {1: encoding_site(1, 2, "float16"), 2: encoding_site(2, 3, "int8")})
+    assert [r["node_id"] for r in mismatched.rejections] == [1]

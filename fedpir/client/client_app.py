@@ -35,6 +35,7 @@ from fedpir.privacy.policy import SitePolicy, check_request, policy_of_node
 from fedpir.privacy.release import release
 from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
 from fedpir.run_config import RunSettings
+from fedpir.transfer import encode_reply
 
 _SITES: dict[tuple, Site] = {}
 
@@ -109,9 +110,11 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
         config = msg.content["config"]
         epochs = int(config.get(EPOCHS_KEY, site.settings.local_epochs))
         admit_training(site_policy, site, epochs)
-        site.load_global(msg.content["arrays"].to_torch_state_dict())
+        received = msg.content["arrays"].to_torch_state_dict()
+        site.load_global(received)
         metrics = site.train(str(config[STAGE_KEY]), epochs=epochs, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
-        return _reply(msg, site, site_policy, metrics, len(site.train_set), ArrayRecord(site.sent_state()))
+        sent = encode_reply(site.sent_state(), received, site.settings.transfer_dtype)
+        return _reply(msg, site, site_policy, metrics, len(site.train_set), sent)
 
     @app.evaluate()
     @answered

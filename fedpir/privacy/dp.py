@@ -48,6 +48,13 @@ warnings.filterwarnings("ignore", message="divide by zero encountered in log", c
                         module=r"opacus\.accountants\.analysis\.prv")
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+#: How Opacus computes per-patient gradients (``make_private(grad_sample_mode=...)``): "hooks" (per-layer
+#: rules; a Conv3d unfolds 27x its input per patient) or "functorch" (vmap of each layer's own
+#: backward). ``python -m benchmarks.dp_cost`` measures both (docs/results/benchmarks.jsonl): functorch
+#: is the faster and, with every parameter trained, needs no more memory than the non-private step
+#: where hooks needs about 1.8x; both give each patient's exact gradient (tests/test_privacy_dp.py).
+GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
+GRAD_SAMPLE_MODE = "functorch"
 
 
 @dataclass
@@ -255,7 +262,10 @@ class PrivateModel:
         accountant: IAccountant,
         plan: RoundPlan,
         noise_generator: torch.Generator | None = None,
+        grad_sample_mode: str = GRAD_SAMPLE_MODE,
     ) -> None:
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
         engine = PrivacyEngine(accountant=accountant.mechanism())
         engine.accountant = accountant
         self.model = model
@@ -267,6 +277,7 @@ class PrivateModel:
             max_grad_norm=plan.max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_generator,
+            grad_sample_mode=grad_sample_mode,
         )
         assert isinstance(self.module, GradSampleModule) and isinstance(self.optimizer, DPOptimizer)
         self.loader.collate_fn = collate_patients  # see collate_patients: Opacus' wrapper breaks on dicts

@@ -31,7 +31,7 @@ def stages(settings: RunSettings) -> list[Stage]:
 def strategy_for(settings: RunSettings, model) -> object:
     """The configured Flower strategy (shared-only, validating replies)."""
     kwargs = dict(min_train_nodes=settings.min_sites, min_evaluate_nodes=settings.min_sites,
-                  min_available_nodes=settings.min_sites)
+                  min_available_nodes=settings.min_sites, transfer_dtype=settings.transfer_dtype)
     if settings.strategy == "modality":
         kwargs["modality_of_key"] = model.modality_of_key
     if settings.strategy == "fedprox":

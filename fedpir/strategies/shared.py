@@ -30,6 +30,7 @@ from fedpir.strategies.validation import (
     screen_train_replies,
     site_metrics,
 )
+from fedpir.transfer import check_transfer_dtype, decode_reply
 
 log = logging.getLogger("fedpir.strategies")
 
@@ -59,6 +60,8 @@ class SharedOnlyMixin:
         max_update_norm: reject a reply whose ``||update - global||_2`` exceeds this (absolute).
         norm_ratio: reject a reply whose update norm exceeds ``norm_ratio`` x the median update
             norm of the round's valid replies (applied with >= 3 such replies).
+        transfer_dtype: how sites encode their replies (run config ``transfer-dtype``,
+            :mod:`fedpir.transfer`); replies are decoded to the global dtypes before screening.
 
     Attributes, refreshed every round:
         global_arrays: the global shared arrays sent in the last ``configure_train``.
@@ -76,7 +79,8 @@ class SharedOnlyMixin:
     arrayrecord_key: str
     min_train_nodes: int
 
-    def __init__(self, *, max_update_norm: float = 1e3, norm_ratio: float = 10.0, **kwargs) -> None:
+    def __init__(self, *, max_update_norm: float = 1e3, norm_ratio: float = 10.0, transfer_dtype: str = "float32",
+                 **kwargs) -> None:
         if not max_update_norm > 0:
             raise ValueError(f"max_update_norm must be > 0, got {max_update_norm}")
         if not norm_ratio > 1:
@@ -84,6 +88,7 @@ class SharedOnlyMixin:
         super().__init__(**kwargs)
         self.max_update_norm = max_update_norm
         self.norm_ratio = norm_ratio
+        self.transfer_dtype = check_transfer_dtype(transfer_dtype)
         self.global_arrays: dict[str, np.ndarray] | None = None
         self.rejections: list[Rejection] = []
         self.last_train_replies: list[tuple[int, dict[str, float | list]]] = []
@@ -110,6 +115,7 @@ class SharedOnlyMixin:
         if self.global_arrays is None:
             raise RuntimeError("aggregate_train called before configure_train: no global arrays")
         replies = list(replies)
+        self._decode(replies)
         self.last_train_replies = site_metrics(replies)
         accepted, rejections = screen_train_replies(
             server_round,
@@ -129,6 +135,19 @@ class SharedOnlyMixin:
             return None, None
         arrays, metrics = self._aggregate_accepted(server_round, accepted)
         return (None if arrays is None else _cast_like(arrays, self.global_arrays)), metrics
+
+    def _decode(self, replies: list[Message]) -> None:
+        """Replace each reply's encoded arrays by the weights they stand for (fedpir.transfer); a
+        reply that does not decode keeps its arrays, and the screening says what is wrong with them."""
+        assert self.global_arrays is not None
+        for msg in replies:
+            if msg.has_error() or self.arrayrecord_key not in msg.content.array_records:
+                continue
+            try:
+                msg.content[self.arrayrecord_key] = decode_reply(
+                    msg.content.array_records[self.arrayrecord_key], self.global_arrays, self.transfer_dtype)
+            except (ValueError, KeyError):
+                continue
 
     def _aggregate_accepted(
         self, server_round: int, accepted: list[Message]
