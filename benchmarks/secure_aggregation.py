@@ -20,7 +20,7 @@ from benchmarks.common import emit, parser
 #: Where fedpir's secure aggregation will live; while it is absent the benchmark is skipped.
 MODULE = "fedpir.privacy.secure_aggregation"
 REASON = ("not available: fedpir has no secure aggregation (the server sees each site's update); Flower's SecAgg+ "
-          "workflow does not run under fedpir's Message-API round loop")
+          "workflow is not wired into fedpir's round loop yet")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
