@@ -212,7 +212,8 @@ def test_metrics_not_declared_never_leave() -> None:
     out = release({"dice": 0.4321, "loss_total": 1.234, "seconds": 3.0, "n_patients": 6.0, "epsilon": 1.5,
                    NUM_EXAMPLES_KEY: 6, "has-modality.t1": 1.0, "psnr": 17.3}, DEFAULT_POLICY, n_patients=6,
                   budget=None, message="evaluate")
-    assert out == {"dice": 0.45, "epsilon": 1.5, NUM_EXAMPLES_KEY: 6, "has-modality.t1": 1.0, "psnr": 17.0}
+    assert out == {"dice": 0.45, "epsilon": 1.5, "seconds": 3.0, NUM_EXAMPLES_KEY: 6, "has-modality.t1": 1.0,
+                   "psnr": 17.0}
 
 
 def crafted_probe(tmp_path: Path, site_dir: Path, policy: Path | None) -> tuple[dict[str, float], list[Message]]:

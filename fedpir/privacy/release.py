@@ -75,6 +75,9 @@ METRICS: dict[str, MetricSpec] = {
     "epsilon": _PUBLIC,
     "delta": _PUBLIC,
     "steps": _PUBLIC,
+    # wall time of the round's local training: the server times every reply anyway (timing is outside
+    # the threat model), and the cost benchmarks split a round with it
+    "seconds": _PUBLIC,
     "loss_": _TRAIN_LOSS,
     "dice": MetricSpec(patient=True),
     "ssim": MetricSpec(patient=True, low=-1.0),
