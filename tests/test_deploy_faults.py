@@ -27,6 +27,8 @@ VICTIM = HOSPITALS[1]
 #: Every run of this module: a fixed noise and a budget that several runs at one site cannot exhaust
 #: (the default noise spends the whole budget in one run; a restarted site would then refuse to train).
 FAULT_CONFIG = {"noise-multiplier": "2.0", "epsilon-budget": "1000"}
+#: The hospitals' own privacy policy that allows that budget (the default policy caps epsilon at 8).
+FAULT_POLICY = "max-epsilon = 1000.0\n"
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.deploy]
 RUN1 = "run-interrupted"
@@ -46,6 +48,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
     dep.app, dep.nodes = copy_app(root / "app"), {}
     fab_hash = approval.fab_hash_of_app(dep.app)
     dep.write_guard()
+    policy = root / "privacy-policy.toml"
+    policy.write_text(FAULT_POLICY)
     unreadable.chmod(0)
     try:
         dep.superlink = dep.start_superlink()
@@ -53,7 +57,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
             provision.add_hospital(fed, hospital)
             dep.register(hospital)
             approval.approve(root / "approved" / f"{hospital}.txt", fab_hash)
-            cmd = dep.supernode_command(hospital, data / f"site-{i}")
+            cmd = dep.supernode_command(hospital, data / f"site-{i}", privacy_policy=policy)
             dep.nodes[hospital] = dep.start(hospital, without_root_override(cmd) if hospital == UNREADABLE else cmd)
         dep.wait_online(set(dep.node_ids.values()))
         yield dep

@@ -29,23 +29,28 @@ def superlink_command(kit: Path | str, *, host: str = "0.0.0.0", port: int = 800
     return cmd
 
 
-def node_config(data_dir: Path | str, state_dir: Path | str, site_name: str, approved_apps: Path | str | None = None) -> str:
-    """The ``--node-config`` string the fedpir ClientApp reads (and the approval guard)."""
+def node_config(data_dir: Path | str, state_dir: Path | str, site_name: str, approved_apps: Path | str | None = None,
+                privacy_policy: Path | str | None = None) -> str:
+    """The ``--node-config`` string the fedpir ClientApp reads (and the approval guard); without
+    ``privacy_policy`` the node runs the safe default policy (fedpir.privacy.policy)."""
     items = [f"data-dir='{data_dir}'", f"state-dir='{state_dir}'", f"site-name='{site_name}'"]
     if approved_apps is not None:
         items.append(f"approved-apps='{approved_apps}'")
+    if privacy_policy is not None:
+        items.append(f"privacy-policy='{privacy_policy}'")
     return " ".join(items)
 
 
 def supernode_command(superlink: str, kit: Path | str, data_dir: Path | str, state_dir: Path | str, site_name: str, *,
-                      approved_apps: Path | str | None = None, port: int = 9094, host: str = "127.0.0.1",
+                      approved_apps: Path | str | None = None, privacy_policy: Path | str | None = None,
+                      port: int = 9094, host: str = "127.0.0.1",
                       max_retries: int | None = None, max_wait_time: float | None = None) -> list[str]:
     """``flower-supernode`` of one hospital: verifies the SuperLink with the federation CA and
     authenticates with the hospital's node key; ``port`` is its local Runtime API (one per node)."""
     kit = Path(kit)
     cmd = ["flower-supernode", "--superlink", superlink,
            "--root-certificates", str(kit / CA_CERT), "--auth-supernode-private-key", str(kit / NODE_KEY),
-           "--node-config", node_config(data_dir, state_dir, site_name, approved_apps),
+           "--node-config", node_config(data_dir, state_dir, site_name, approved_apps, privacy_policy),
            "--isolation", "subprocess", "--host", host, "--port", str(port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
