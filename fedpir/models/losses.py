@@ -146,10 +146,10 @@ def level_invariance(levels: dict[int, list[Tensor]], present: Tensor) -> Tensor
     """Per-patient invariance, averaged over the encoder levels of each available modality (X_h first,
     then the skips that the segmentation head reads) and over the patient's modalities: [B].
 
-    Every level, not X_h alone: the segmentation head reads the skips too. On the public warm start
-    (one build per variant, scored on 3 federations' evaluation sets) this raised held-out Dice on the
-    sites' own modalities from 0.652 (X_h only) to 0.716; keeping the term during fine-tuning lowered
-    it (0.569), so fine-tuning does not use it."""
+    Every level, not X_h alone: the segmentation head reads the skips too. A first look, not a
+    multi-seed result: one public warm-start build per variant, scored on 3 federations' evaluation
+    sets, gave Dice 0.716 on the sites' own modalities with every level and 0.652 with X_h only;
+    keeping the term during fine-tuning gave 0.569, so fine-tuning does not use it."""
     weights = present.to(next(iter(levels.values()))[0].dtype)
     depth = len(next(iter(levels.values())))
     per_level = [invariance({m: feats[k] for m, feats in levels.items()}, weights) for k in range(depth)]
