@@ -38,12 +38,18 @@ def _patients(rng: np.random.Generator, n: int, dx: int, signal: float) -> tuple
     return z, labels, texts
 
 
-def test_zero_shot_through_the_map_beats_naive_stitching() -> None:
-    rng = np.random.default_rng(0)
+def _anchors_and_test_set(seed: int, n_test: int):
+    """A generator, the hashed text encoder, 90 anchor patients (z, y, reports), ``n_test`` test
+    patients (z, y) and the lesion prompts' class embeddings."""
+    rng = np.random.default_rng(seed)
     enc = HashedNgramEncoder(128)
     z, y, texts = _patients(rng, 90, 24, signal=4.0)
-    zt, yt, _ = _patients(rng, 60, 24, signal=4.0)
-    classes = class_embeddings(enc, LESION_PROMPTS)
+    zt, yt, _ = _patients(rng, n_test, 24, signal=4.0)
+    return rng, enc, (z, y, texts), (zt, yt), class_embeddings(enc, LESION_PROMPTS)
+
+
+def test_zero_shot_through_the_map_beats_naive_stitching() -> None:
+    _, enc, (z, y, texts), (zt, yt), classes = _anchors_and_test_set(0, 60)
     stats = AlignmentStatistics.from_pairs(z, enc.encode(texts))
     maps = {m: fit_alignment(stats, m) for m in ("procrustes", "ridge", "lstsq")}
     maps["naive"] = fit_alignment(stats, "identity")
@@ -58,11 +64,7 @@ def test_zero_shot_through_the_map_beats_naive_stitching() -> None:
 
 def test_zero_shot_needs_the_anchor_pairing() -> None:
     """With each report moved to a random other patient, the same data give chance-level zero-shot."""
-    rng = np.random.default_rng(1)
-    enc = HashedNgramEncoder(128)
-    z, _, texts = _patients(rng, 90, 24, signal=4.0)
-    zt, yt, _ = _patients(rng, 200, 24, signal=4.0)
-    classes = class_embeddings(enc, LESION_PROMPTS)
+    rng, enc, (z, _, texts), (zt, yt), classes = _anchors_and_test_set(1, 200)
 
     def zero_shot_auroc(reports: list[str]) -> float:
         scores = zero_shot_scores(fit_pairs(z, enc.encode(reports), "ridge"), zt, classes)
