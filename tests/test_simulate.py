@@ -17,7 +17,7 @@ TINY = ["--sites", "2", "--subjects", "4", "--size", "16", "--pretrain-rounds", 
 
 def test_simulate_writes_a_report_from_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["simulate", "--out", str(out), "--methods", "local,centralized", *TINY]) == 0
+    assert main(["simulate", "--out", str(out), "--methods", "local,centralized", "--transfer-dtype", "float16", *TINY]) == 0
     assert "report:" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     for png in ("curves.png", "dice_per_site.png", "epsilon_per_site.png"):
@@ -29,6 +29,7 @@ def test_simulate_writes_a_report_from_the_runs(tmp_path: Path, capsys: pytest.C
         assert f"| {method} | site-1 | " in report and f"{psnr:.3f}" in report
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["final"]) == {"local", "centralized"} and summary["settings"]["num-sites"] == 2
+    assert summary["settings"]["transfer-dtype"] == "float16"
     assert set(summary["cross_modal"]) == {"local", "centralized"}
     for result in summary["cross_modal"].values():
         assert set(result["sites"]) == {"site-0", "site-1"} and 0 <= result["seen"] <= 1

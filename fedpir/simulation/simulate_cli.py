@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from fedpir.run_config import RunSettings, add_noise_flag
+from fedpir.transfer import TRANSFER_DTYPES
 
 HELP = "simulate a federation on this machine: fedpir vs baselines, with a Markdown report and plots"
 
@@ -55,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--invariance-weight 0)")
     p.add_argument("--augment-views", type=int, default=d.augment_views,
                    help="fine-tuning: augmented views per patient averaged before clipping")
+    p.add_argument("--transfer-dtype", choices=TRANSFER_DTYPES, default=d.transfer_dtype,
+                   help="how sites send their shared weights (float16/int8 halve/quarter the bytes)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         finetune_task=args.task, pretrain_trainable=args.pretrain_trainable,
         finetune_trainable=args.finetune_trainable, mim=args.mim, anatomical=args.anatomical,
         proximal_mu=args.proximal_mu, device=args.device, augment_views=args.augment_views,
+        transfer_dtype=args.transfer_dtype,
         min_sites=min(RunSettings().min_sites, args.sites),
     )
     settings, noinv = warm_starts(settings, args, methods)
