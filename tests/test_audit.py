@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import stat
 from pathlib import Path
@@ -106,12 +107,14 @@ def test_honest_ledger_verifies_and_matches_independent_accounting(honest, tmp_p
     assert result.epsilon == pytest.approx(independent.get_epsilon(delta=DELTA), rel=1e-12)
     assert [r[1] for r in result.rounds] == pytest.approx(eps, rel=1e-12)
     assert result.epsilon_budget == 50.0 and result.delta == DELTA
+    assert result.guarantee == math.inf  # the non-private round voids the guarantee of what the site released
     code, out = audit(state, capsys=capsys)
-    assert code == 0 and out.count("\n") == 1 and ": OK: 3 entries, 2 private" in out and "non-private" in out
+    assert code == 0 and out.count("\n") == 1 and ": OK: 3 entries, 2 private" in out and "epsilon inf" in out
     assert result.last_hash in out
     code, out = audit(state, "--json", capsys=capsys)
     report = json.loads(out)
     assert code == 0 and report["ok"] and report["failures"] == [] and report["epsilon"] == pytest.approx(eps[-1])
+    assert report["epsilon_guarantee"] == "inf"
     assert "PRIVATE KEY" not in out and SIGNING_KEY_NAME not in out
 
 
@@ -303,7 +306,7 @@ def test_report_page_with_epsilon_plot(honest, tmp_path: Path, capsys) -> None:
     assert main(["audit", "report", *ledgers, "--out", str(tmp_path / "out"), *keys]) == 1
     page = (tmp_path / "out" / "audit_report.md").read_text()
     assert "FAILED verification (2 failures)" in page and "verified OK" in page
-    assert f"| {eps[-1]:.4g} | 50 | {50 - eps[-1]:.4g} |" in page
+    assert f"| inf (private rounds: {eps[-1]:.4g}) | 50 | none |" in page  # the ledger has a non-private round
     png = (tmp_path / "out" / "epsilon.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert main(["audit", "report", ledgers[0], "--out", str(tmp_path / "plain")]) == 0

@@ -74,13 +74,20 @@ class AuditResult:
         """True when every rule holds at every entry."""
         return not self.failures
 
+    @property
+    def guarantee(self) -> float | None:
+        """The epsilon that holds for everything the site released: infinite once any round ran
+        without DP (its update carries no guarantee), else the private rounds' epsilon."""
+        return math.inf if self.non_private_rounds else self.epsilon
+
     def summary(self) -> str:
         """One line: verdict, entries, epsilon spent of the budget, the hash to keep for the next audit."""
         verdict = "OK" if self.ok else f"FAILED ({len(self.failures)} failure{'s' * (len(self.failures) != 1)})"
         spent = (f"epsilon {self.epsilon:.6g} of budget {self.epsilon_budget:.6g} at delta {self.delta:g}"
                  if self.epsilon is not None and self.epsilon_budget is not None and self.delta is not None
                  else "no private rounds")
-        warn = f", {self.non_private_rounds} non-private round(s) without DP guarantee" if self.non_private_rounds else ""
+        warn = (f"; {self.non_private_rounds} non-private round(s): epsilon inf, no DP guarantee for the site's "
+                "releases" if self.non_private_rounds else "")
         return (f"{self.ledger}: {verdict}: {self.entries} entries, {self.private_rounds} private; {spent}{warn}; "
                 f"last hash {self.last_hash}")
 
@@ -88,6 +95,7 @@ class AuditResult:
         """A JSON-able dict of the result."""
         return {"ledger": self.ledger, "ok": self.ok, "entries": self.entries, "private_rounds": self.private_rounds,
                 "non_private_rounds": self.non_private_rounds, "epsilon": self.epsilon,
+                "epsilon_guarantee": "inf" if self.non_private_rounds else self.epsilon,
                 "epsilon_budget": self.epsilon_budget, "delta": self.delta, "last_hash": self.last_hash,
                 "failures": [vars(f) for f in self.failures]}
 

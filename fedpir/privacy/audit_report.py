@@ -80,10 +80,13 @@ def write_report(ledgers: list[Path], out: Path, public_keys: list[Path] | None 
              "|---|---|---|---|---|---|---|---|---|"]
     for s in sites:
         eps, budget = (s.rounds[-1][1], s.rounds[-1][2]) if s.rounds else (0.0, float("nan"))
+        spent, left = ((f"inf (private rounds: {eps:.4g})", "none") if s.non_private_rounds
+                       else (f"{eps:.4g}", f"{budget - eps:.4g}"))
         delta = f"{s.delta:g}" if s.delta is not None else "-"
         lines.append(f"| {s.site} | `{s.ledger}` | {s.verdict} | {len(s.rounds)} | {s.non_private_rounds} | "
-                     f"{eps:.4g} | {budget:.4g} | {budget - eps:.4g} | {delta} |")
-    lines += ["", "A non-private round releases an update without any DP guarantee. Epsilon is "
+                     f"{spent} | {budget:.4g} | {left} | {delta} |")
+    lines += ["", "A non-private round releases an update without any DP guarantee, so a site with one has "
+              "epsilon inf (the plot shows its private rounds only). Epsilon is "
               + ("recomputed with Opacus from each entry's accountant history." if keys else
                  "as recorded by the site: verify the ledgers (`--public-key`) to recompute it."), ""]
     page = out / REPORT_NAME
