@@ -29,7 +29,7 @@ Writes JSON (with the command) and a PNG beside it. The setting of docs/results/
 
     python benchmarks/zero_shot.py --seeds 0,1,2 --out docs/results/zero_shot.json
 
-(6.5 to 9.5 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
+(7.5 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
 """
 
 from __future__ import annotations
