@@ -26,8 +26,10 @@ from fedpir.models.alignment import AlignmentStatistics, fit_alignment
 from fedpir.models.anchors import site_anchors
 from fedpir.models.pir import build_model
 from fedpir.models.text import load_text_encoder
+from fedpir.privacy.audit import verify_ledger
 from fedpir.privacy.budget import LEDGER_NAME
 from fedpir.privacy.release import ALIGNMENT_OBJECTIVE
+from fedpir.privacy.signing import PUBLIC_KEY_NAME, load_public_key
 from fedpir.protocol import ALIGN_STAGE, ALIGN_STATISTICS, ALIGNMENT_RECORD, NUM_EXAMPLES_KEY, POLICY_REFUSED, STAGE_KEY
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
@@ -130,3 +132,5 @@ def test_a_hospital_sends_alignment_statistics_only_if_its_policy_says_so(tmp_pa
     assert entry["objective"] == ALIGNMENT_OBJECTIVE and entry["policy_sha256"]
     assert (entry["bytes"], entry["sha256"]) == record_digest(reply.content["arrays"])
     assert entry["anchors"] == reply.content["metrics"][NUM_EXAMPLES_KEY] == 6
+    audit = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME))  # the auditor's view
+    assert audit.ok and audit.entries == 1 and audit.non_private_rounds == 1, audit.summary()
