@@ -17,7 +17,7 @@ T = identity). Metrics are pooled over the sites' held-out patients of a seed.
 
     python benchmarks/stitching.py --seeds 0,1,2 --out docs/results/stitching.json
 
-(20 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
+(10 to 20 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
 """
 
 from __future__ import annotations

@@ -20,13 +20,16 @@ finding) and ``volume`` (brain volume reduced/normal; a global one), each
 
 Every text encoder available is run on the same embeddings: all-MiniLM-L6-v2 when the extra
 ``fedpir[text]`` is installed, and always the hashed n-gram fallback. The image encoder is also
-measured at its random initialisation (``encoder: "random"``), before pretraining.
+measured at its random initialisation (``encoder: "random"``), before pretraining. A control
+replaces the encoder by hand-made image features (``encoder: "intensity"``, ``pooling:
+"percentiles"``: per modality, the 50/90/95/99/99.9th percentiles of the normalized volume, zero for
+a missing modality): whether the image carries a finding that the pooled X_h does not.
 
 Writes JSON (with the command) and a PNG beside it. The setting of docs/results/zero_shot.json:
 
     python benchmarks/zero_shot.py --seeds 0,1,2 --out docs/results/zero_shot.json
 
-(6.5 to 9.5 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
+(7.5 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import load_site
@@ -99,6 +102,48 @@ def federation_splits(seed: int, args: argparse.Namespace, workdir: Path) -> tup
     return vocab, trains, tests
 
 
+#: Percentiles of each modality's normalized intensities in the ``intensity`` control.
+INTENSITY_PERCENTILES = (50, 90, 95, 99, 99.9)
+
+
+def intensity_features(dataset: Dataset) -> np.ndarray:
+    """[n, modalities x percentiles]: :data:`INTENSITY_PERCENTILES` of each present modality (0 if absent)."""
+    rows = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        image, present = item["image"].numpy(), item["present"].numpy().astype(bool)
+        rows.append(np.concatenate([np.percentile(image[c], INTENSITY_PERCENTILES) if present[c]
+                                    else np.zeros(len(INTENSITY_PERCENTILES)) for c in range(len(present))]))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def site_reports_in_order(dataset: Subset) -> list[str]:
+    """The report of each subject of a Subset of a SiteDataset, in the Subset's order."""
+    records = dataset.dataset.records  # type: ignore[attr-defined]
+    return [records[i].report or "" for i in dataset.indices]
+
+
+def compare_maps(federated: AlignmentStatistics, pooled: AlignmentStatistics, args: argparse.Namespace, text_encoder: Any,
+                 train_z: np.ndarray, test_z: np.ndarray, train_y: dict[str, np.ndarray], test_y: dict[str, np.ndarray],
+                 seed: int, **labels: str) -> list[dict[str, Any]]:
+    """Each map of :data:`MAPS` fitted on the federated statistics (and its gap to the pooled fit),
+    then every task compared with the probe: one result per task, tagged with ``labels``."""
+    maps, gap = {}, {}
+    for name in MAPS:
+        method = "identity" if name == "naive" else name
+        maps[name] = fit_alignment(federated, method, alpha=args.ridge_alpha)
+        reference = fit_alignment(pooled, method, alpha=args.ridge_alpha)
+        # largest difference between the federated and pooled maps, relative to the largest entry
+        gap[name] = float(np.abs(maps[name].matrix - reference.matrix).max() / np.abs(reference.matrix).max())
+    results = []
+    for task, (prompts, _) in TASKS.items():
+        classes = class_embeddings(text_encoder, prompts)
+        metrics = compare(maps, classes, train_z, train_y[task], test_z, test_y[task], seed=seed)
+        results.append({"task": task, **labels, "text_encoder": text_encoder.name, "federated_vs_pooled_max_rel_diff": gap,
+                        "metrics": metrics})
+    return results
+
+
 def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Everything of one seed: federation, pretraining, federated alignment, evaluation."""
     start = time.perf_counter()
@@ -130,19 +175,17 @@ def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], work
                 federated = sum(per_site, AlignmentStatistics.zeros(*per_site[0].dims))
                 pooled_z, pooled_t = zip(*[site_anchors(model, s, encoder, pooling=pooling)[:2] for s in trains], strict=True)
                 pooled = AlignmentStatistics.from_pairs(np.concatenate(pooled_z), np.concatenate(pooled_t))
-                maps, gap = {}, {}
-                for name in MAPS:
-                    method = "identity" if name == "naive" else name
-                    maps[name] = fit_alignment(federated, method, alpha=args.ridge_alpha)
-                    reference = fit_alignment(pooled, method, alpha=args.ridge_alpha)
-                    # largest difference between the federated and pooled maps, relative to the largest entry
-                    gap[name] = float(np.abs(maps[name].matrix - reference.matrix).max() / np.abs(reference.matrix).max())
-                for task, (prompts, _) in TASKS.items():
-                    classes = class_embeddings(encoder, prompts)
-                    metrics = compare(maps, classes, train_z, train_y[task], test_z, test_y[task], seed=seed)
-                    out["results"].append({"task": task, "encoder": encoder_state, "pooling": pooling, "text": text_name,
-                                           "text_encoder": encoder.name, "federated_vs_pooled_max_rel_diff": gap,
-                                           "metrics": metrics})
+                out["results"] += compare_maps(federated, pooled, args, encoder, train_z, test_z, train_y, test_y, seed,
+                                               encoder=encoder_state, pooling=pooling, text=text_name)
+    site_z = [intensity_features(s) for s in trains]
+    train_z, test_z = np.concatenate(site_z), intensity_features(test_all)
+    for text_name, encoder in encoders.items():
+        site_t = [encoder.encode(site_reports_in_order(s)) for s in trains]
+        per_site = [AlignmentStatistics.from_pairs(z, t) for z, t in zip(site_z, site_t, strict=True)]
+        federated = sum(per_site, AlignmentStatistics.zeros(*per_site[0].dims))
+        pooled = AlignmentStatistics.from_pairs(train_z, np.concatenate(site_t))
+        out["results"] += compare_maps(federated, pooled, args, encoder, train_z, test_z, train_y, test_y, seed,
+                                       encoder="intensity", pooling="percentiles", text=text_name)
     out["seconds"] = time.perf_counter() - start
     out["synth_seconds"] = synth_s
     return out
@@ -171,22 +214,22 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
-    """Bars: mean balanced accuracy and AUROC per method of the pretrained image encoder, one row per
-    task and one panel per (pooling, text encoder); dots per seed."""
+    """Bars: mean balanced accuracy and AUROC per method of the pretrained image encoder and of the
+    intensity control, one row per task and one panel per (image features, text encoder); dots per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in summary})
-    panels = sorted({(r["pooling"], r["text"]) for r in summary if r["encoder"] == "pretrained"})
+    panels = sorted({(r["encoder"], r["pooling"], r["text"]) for r in summary if r["encoder"] != "random"})
     fig, axes = plt.subplots(len(tasks), len(panels), figsize=(3.6 * len(panels), 3.4 * len(tasks)), squeeze=False,
                              sharey=True)
     methods = [*MAPS, "probe"]
     for i, task in enumerate(tasks):
-        for ax, (pooling, text) in zip(axes[i], panels, strict=True):
+        for ax, (encoder, pooling, text) in zip(axes[i], panels, strict=True):
             rows = {r["method"]: r for r in summary
-                    if (r["task"], r["encoder"], r["pooling"], r["text"]) == (task, "pretrained", pooling, text)}
+                    if (r["task"], r["encoder"], r["pooling"], r["text"]) == (task, encoder, pooling, text)}
             x = np.arange(len(methods))
             for offset, metric, color in ((-0.2, "balanced_accuracy", "tab:blue"), (0.2, "auroc", "tab:orange")):
                 ax.bar(x + offset, [rows[m][metric]["mean"] for m in methods], 0.38, color=color, label=metric)
@@ -194,11 +237,13 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
                     ax.plot([x[j] + offset] * len(rows[m][metric]["per_seed"]), rows[m][metric]["per_seed"], "k.", ms=3)
             ax.axhline(0.5, color="grey", lw=0.6, ls="--")
             ax.set_xticks(x, methods, rotation=30)
-            ax.set_title(f"{task}: X_h {pooling} pooling, text {text}", fontsize=9)
+            source = f"X_h {pooling} pooling" if encoder == "pretrained" else "intensity percentiles (control)"
+            ax.set_title(f"{task}: {source}, text {text}", fontsize=9)
             ax.set_ylim(0, 1.05)
         axes[i][0].set_ylabel(f"{task} (held-out patients)")
     axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("Zero-shot through the federated map T vs naive stitching vs linear probe (pretrained PIR encoder)",
+    fig.suptitle("Zero-shot through the federated map T vs naive stitching vs linear probe (pretrained PIR encoder; "
+                 "intensity control)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -8,6 +8,14 @@ vocabulary modality, and a ConfigRecord ``site`` with its name; only the metrics
 :mod:`fedpir.privacy.release` leave, as the site's privacy policy says. A request the site does not
 answer gets an error reply: one of the :data:`SITE_ERRORS` codes and its generic reason (the details
 stay in the site's log).
+
+The alignment stage (run config ``align``, after the last round; :mod:`fedpir.server.alignment`) sends
+two query messages with the global shared arrays: :data:`ALIGN_STATISTICS` (a site replies the
+sufficient statistics of its anchors as the ArrayRecord ``arrays``, ``alignment/<name>`` arrays, and
+a ConfigRecord :data:`ALIGNMENT_RECORD` naming its text encoder and pooling), then
+:data:`ALIGN_ZEROSHOT` with the fitted map T (ArrayRecord :data:`MAP_RECORD`, its method, scale
+and anchor count in the ConfigRecord :data:`ALIGNMENT_RECORD`); a site replies the zero-shot metrics
+of its held-out patients, released like evaluation metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ STAGE_KEY, ROUND_KEY, EPOCHS_KEY = "stage", "round", "local-epochs"
 #: Sent by Flower's FedProx strategy (its own key name).
 PROXIMAL_MU_KEY = "proximal-mu"
 NUM_EXAMPLES_KEY = "num-examples"
+#: The alignment stage: its name (``STAGE_KEY``), message types, and the names of its records.
+ALIGN_STAGE = "align"
+ALIGN_STATISTICS, ALIGN_ZEROSHOT = "query.alignment_statistics", "query.zeroshot"
+ALIGNMENT_RECORD, MAP_RECORD = "alignment", "alignment-map"
 HAS_MODALITY_PREFIX = "has-modality."
 #: Evaluation metrics every site reports, whatever its modalities (NaN where a site cannot
 #: compute one), so that the server can aggregate them; per-pair figures stay at the site.

@@ -61,6 +61,10 @@ class RunSettings:
     augment_views: int = 2  # fine-tuning: augmented views averaged per patient before clipping (0: none)
     invariance_weight: float = 1.0  # weight of the invariance term (0: the fedpir-noinv ablation)
     transfer_dtype: str = "float32"  # how a site sends its shared weights: float32, float16, int8 (fedpir.transfer)
+    align: bool = False  # after the last round, the alignment stage (fedpir.server.alignment; docs/alignment.md)
+    align_method: str = "procrustes"  # the map T: procrustes, lstsq, ridge (fedpir.models.alignment)
+    align_pooling: str = "mean"  # X_h pooled into one vector per patient: mean, max, meanmax (fedpir.models.anchors)
+    text_encoder: str = "auto"  # report embeddings: auto (MiniLM when installed), minilm, hashed (fedpir.models.text)
     min_sites: int = 2
     round_timeout: float = 600.0
 
@@ -73,6 +77,7 @@ class RunSettings:
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         site_sizes(self.subjects_per_site, self.num_sites)  # raises on a bad size list
+        _check_alignment(self)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:
@@ -125,6 +130,19 @@ class RunSettings:
     def federation_path(self) -> Path:
         """Folder of the federation (one sub-folder per site)."""
         return Path(self.federation_dir).expanduser() if self.federation_dir else self.run_path / "federation"
+
+
+def _check_alignment(settings: RunSettings) -> None:
+    """Raise ValueError naming the alignment setting that is not one of its choices."""
+    from fedpir.models.alignment import METHODS
+    from fedpir.models.anchors import POOLINGS
+    from fedpir.models.text import ENCODERS
+
+    for key, value, valid in (("align-method", settings.align_method, [m for m in METHODS if m != "identity"]),
+                              ("align-pooling", settings.align_pooling, POOLINGS),
+                              ("text-encoder", settings.text_encoder, ENCODERS)):
+        if value not in valid:
+            raise ValueError(f"{key} {value!r} unknown; valid: {', '.join(valid)}")
 
 
 def site_sizes(spec: int | str | Sequence[int], n_sites: int) -> list[int]:

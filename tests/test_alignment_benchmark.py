@@ -44,7 +44,7 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     (run,) = doc["runs"]
     assert run["n_train"] == 8 and run["n_test"] == 4
     assert {(r["encoder"], r["pooling"]) for r in run["results"]} == {
-        (e, p) for e in ("random", "pretrained") for p in ("mean", "max")}
+        (e, p) for e in ("random", "pretrained") for p in ("mean", "max")} | {("intensity", "percentiles")}
     assert {r["task"] for r in run["results"]} == {"lesion", "volume"}
     for result in run["results"]:
         assert max(result["federated_vs_pooled_max_rel_diff"].values()) < 1e-6

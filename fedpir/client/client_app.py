@@ -11,7 +11,8 @@ Node config (``flower-supernode --node-config``), deployment:
                    the simulation engine's synthetic sites: RESEARCH_POLICY)
 Every request is checked against the site's policy before it touches the model, only the metrics
 the policy releases leave (fedpir.privacy.release), and a refused or failed request is answered
-with an error code and a generic reason (fedpir.client.guard).
+with an error code and a generic reason (fedpir.client.guard). Besides train and evaluate, the
+alignment stage's two query messages (fedpir.protocol, fedpir.client.alignment).
 Simulation (Flower's simulation engine sets ``partition-id``): the node serves ``site-<id>`` of the
 run's federation folder; without a configured ``federation-dir`` the simulation side
 (:func:`fedpir.simulation.prepare.synthetic_federation`) writes the synthetic federation of the
@@ -27,13 +28,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedpir.client.guard import admit_evaluation, admit_training, answered
+from fedpir.alignment_stage import map_from_records
+from fedpir.client.alignment import statistics_reply, zero_shot_metrics
+from fedpir.client.guard import admit_alignment, admit_evaluation, admit_training, answered
 from fedpir.client.site import Site, site_state_dir
 from fedpir.deployment.approval import require_guard_mod
 from fedpir.privacy.budget import PrivacyLedger
 from fedpir.privacy.policy import SitePolicy, check_request, policy_of_node
 from fedpir.privacy.release import release
-from fedpir.protocol import EPOCHS_KEY, NUM_EXAMPLES_KEY, PROXIMAL_MU_KEY, STAGE_KEY, has_modality_key
+from fedpir.protocol import (
+    ALIGN_STATISTICS,
+    ALIGN_ZEROSHOT,
+    ALIGNMENT_RECORD,
+    EPOCHS_KEY,
+    MAP_RECORD,
+    NUM_EXAMPLES_KEY,
+    PROXIMAL_MU_KEY,
+    STAGE_KEY,
+    has_modality_key,
+)
 from fedpir.run_config import RunSettings
 from fedpir.transfer import encode_reply
 
@@ -77,8 +90,9 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
 
 
 def _reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int,
-           arrays: ArrayRecord | None) -> Message:
-    """The reply: the metrics the policy releases (computed over ``n`` patients), the site's name, ``arrays``."""
+           arrays: ArrayRecord | None, **records: ArrayRecord | ConfigRecord) -> Message:
+    """The reply: the metrics the policy releases (computed over ``n`` patients), the site's name,
+    ``arrays`` and any other ``records`` by name."""
     flags = {has_modality_key(m): float(m in site.modalities) for m in site.settings.vocabulary}
     released = release({**metrics, **flags, NUM_EXAMPLES_KEY: n}, policy, n_patients=n, budget=site.trainer.budget,
                        message=msg.metadata.message_type)
@@ -88,6 +102,8 @@ def _reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, floa
     })
     if arrays is not None:
         content["arrays"] = arrays
+    for name, record in records.items():
+        content[name] = record
     return Message(content=content, reply_to=msg)
 
 
@@ -126,6 +142,27 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
         with torch.no_grad():
             metrics = site.evaluate(str(msg.content["config"][STAGE_KEY]))
         return _reply(msg, site, site_policy, metrics, len(site.holdout_set), None)
+
+    @app.query(ALIGN_STATISTICS.split(".")[1])
+    @answered
+    def alignment_statistics(msg: Message, context: Context) -> Message:
+        """With the global weights, the sufficient statistics of the site's anchors (if its policy lets them leave)."""
+        site, site_policy = admitted_site(context, settings)
+        admit_alignment(site_policy, site)
+        site.load_global(msg.content["arrays"].to_torch_state_dict())
+        statistics, described, n = statistics_reply(site, msg.metadata.message_type)
+        return _reply(msg, site, site_policy, {}, n, statistics, **{ALIGNMENT_RECORD: described})
+
+    @app.query(ALIGN_ZEROSHOT.split(".")[1])
+    @answered
+    def zeroshot(msg: Message, context: Context) -> Message:
+        """With the global weights and the map T, zero-shot metrics on the site's held-out patients."""
+        site, site_policy = admitted_site(context, settings)
+        admit_evaluation(site_policy, site)
+        site.load_global(msg.content["arrays"].to_torch_state_dict())
+        amap = map_from_records(msg.content.array_records[MAP_RECORD], msg.content.config_records[ALIGNMENT_RECORD])
+        metrics, n = zero_shot_metrics(site, amap)
+        return _reply(msg, site, site_policy, metrics, n, None)
 
     return app
 

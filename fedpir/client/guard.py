@@ -1,12 +1,13 @@
 """The site's side of every server request: admitted under the site's privacy policy, or refused.
 
 The ClientApp checks the run settings against the policy (:func:`fedpir.privacy.policy.check_request`)
-before it builds the site; :func:`admit_training` and :func:`admit_evaluation` then check, before the
-request touches the model, the ledger on disk against the one the site wrote (a missing or altered
-ledger stops the site), bind the site's budget to the ledger (it only lowers), and check the round's
-planned noise or the evaluation rate limit. :func:`answered` turns every exception of a handler into
-an error reply with a code and a generic reason from :data:`fedpir.protocol.SITE_ERRORS`; the
-exception's text (values, paths, labels) goes to the site's log only, and nothing else leaves.
+before it builds the site; :func:`admit_training`, :func:`admit_evaluation` and :func:`admit_alignment`
+then check, before the request touches the model, the ledger on disk against the one the site wrote
+(a missing or altered ledger stops the site), bind the site's budget to the ledger (it only lowers),
+and check the round's planned noise, the evaluation rate limit or the policy's switch for alignment
+statistics. :func:`answered` turns every exception of a handler into an error reply with a code and
+a generic reason from :data:`fedpir.protocol.SITE_ERRORS`; the exception's text (values, paths,
+labels) goes to the site's log only, and nothing else leaves.
 """
 
 from __future__ import annotations
@@ -99,3 +100,10 @@ def admit_evaluation(policy: SitePolicy, site: Site) -> None:
     rounds = len(training_entries(site.trainer.ledger.entries))
     if not EvaluationAllowance(site.state_dir, policy.evaluations_per_round).take(rounds):
         raise RateLimited(f"more than {policy.evaluations_per_round} evaluation(s) since the last training round")
+
+
+def admit_alignment(policy: SitePolicy, site: Site) -> None:
+    """Raise unless the site may send the sufficient statistics of its anchors (ledger, policy switch)."""
+    _bind(site, policy)
+    if not policy.alignment_statistics:
+        raise PolicyViolation("alignment-statistics", "the policy does not let alignment statistics (not DP) leave")

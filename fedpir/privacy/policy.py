@@ -4,7 +4,7 @@ The policy is the hospital's, not the server's: a SuperNode names its file in th
 (``--node-config "... privacy-policy=/etc/fedpir/policy.toml"``); the run config never sets it. A
 hospital's node that names none gets :data:`DEFAULT_POLICY` (DP required, epsilon at most 8, shared
 keys only, secret noise, patient-derived metrics rounded or dropped, one evaluation per training
-round); the simulation engine's nodes (synthetic sites) get :data:`RESEARCH_POLICY`.
+round, no alignment statistics); the simulation engine's nodes (synthetic sites) get :data:`RESEARCH_POLICY`.
 
 The file is TOML (``.toml``) or JSON, with the hyphenated keys of :class:`SitePolicy`; an annotated
 example is ``deploy/privacy_policy.example.toml``.
@@ -64,6 +64,10 @@ class SitePolicy:
         metrics: per patient-derived metric, how it may leave (:data:`METRIC_MODES`): by name
             (``dice``), by declared prefix (``loss_``: every training loss term) or ``*`` (all);
             metrics not named take the declared default of :data:`fedpir.privacy.release.METRICS`.
+        alignment_statistics: the site answers the alignment stage's request for the sufficient
+            statistics of its anchors (sums over its training patients' image and report
+            embeddings, :mod:`fedpir.alignment_stage`). They are not differentially private, so
+            the default refuses them.
     """
 
     dp_required: bool = True
@@ -75,6 +79,7 @@ class SitePolicy:
     evaluations_per_round: int = 1
     metric_noise_multiplier: float = 20.0
     metrics: Mapping[str, str] = field(default_factory=dict)
+    alignment_statistics: bool = False
 
     def __post_init__(self) -> None:
         if self.max_epsilon is not None and not 0 < self.max_epsilon < math.inf:
@@ -123,7 +128,7 @@ DEFAULT_POLICY = SitePolicy()
 #: Never for a hospital: only nodes of the simulation engine get it (see policy_of_node).
 RESEARCH_POLICY = SitePolicy(dp_required=False, max_epsilon=None, max_delta=0.5, min_noise_multiplier=0.0,
                              key_policies=KEY_POLICIES, secret_noise_required=False, evaluations_per_round=1_000_000,
-                             metrics={"*": "exact"})
+                             metrics={"*": "exact"}, alignment_statistics=True)
 
 
 def load_policy(path: Path | str) -> SitePolicy:

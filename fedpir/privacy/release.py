@@ -43,8 +43,9 @@ from fedpir.protocol import HAS_MODALITY_PREFIX, NUM_EXAMPLES_KEY
 
 log = logging.getLogger("fedpir.client")
 
-#: The ledger objective of a metric release.
-RELEASE_OBJECTIVE = "release"
+#: The ledger objective of a metric release, and of a release of alignment statistics
+#: (:mod:`fedpir.client.alignment`): ledger entries that are no training round.
+RELEASE_OBJECTIVE, ALIGNMENT_OBJECTIVE = "release", "alignment"
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,8 @@ def _noised(values: dict[str, tuple[float, MetricSpec]], policy: SitePolicy, n_p
 
 
 def training_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ledger entries of local training rounds (metric releases are no rounds)."""
-    return [e for e in entries if e.get("objective") != RELEASE_OBJECTIVE]
+    """The ledger entries of local training rounds (metric and alignment releases are no rounds)."""
+    return [e for e in entries if e.get("objective") not in (RELEASE_OBJECTIVE, ALIGNMENT_OBJECTIVE)]
 
 
 class EvaluationAllowance:

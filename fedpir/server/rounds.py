@@ -72,7 +72,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> tuple[l
     return replies, {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
 
 
-def _log_replies(metrics_log: MetricsLog, kind: str, stage: str, rnd: int, replies: list[Message],
+def log_replies(metrics_log: MetricsLog, kind: str, stage: str, rnd: int, replies: list[Message],
                  sent_to: dict[str, int]) -> None:
     """Per-site records of a round: metrics, errors, and an error for each node that never replied."""
     silent = set(sent_to) - {m.metadata.reply_to_message_id for m in replies}
@@ -140,7 +140,7 @@ def run_federation(
             log.info("[%s round %d/%d] (global round %d)", stage.name, stage_round, stage.rounds, global_round)
 
             replies, sent_to = exchange(grid, strategy.configure_train(global_round, arrays, config, grid), timeout)
-            _log_replies(metrics_log, "train", stage.name, global_round, replies, sent_to)
+            log_replies(metrics_log, "train", stage.name, global_round, replies, sent_to)
             new_arrays, train_metrics = strategy.aggregate_train(global_round, replies)
             if new_arrays is None:
                 error = _round_failed(stage.name, global_round, replies, sent_to)
@@ -152,7 +152,7 @@ def run_federation(
                               metrics=dict(train_metrics or {}))
 
             replies, sent_to = exchange(grid, strategy.configure_evaluate(global_round, arrays, config, grid), timeout)
-            _log_replies(metrics_log, "evaluate", stage.name, global_round, replies, sent_to)
+            log_replies(metrics_log, "evaluate", stage.name, global_round, replies, sent_to)
             eval_metrics = strategy.aggregate_evaluate(global_round, replies)
             metrics_log.write(kind="evaluate-aggregate", stage=stage.name, round=global_round,
                               metrics=dict(eval_metrics or {}))

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpir.models.pir import build_model
 from fedpir.protocol import EPOCHS_KEY, STAGES
 from fedpir.run_config import RunSettings
+from fedpir.server.alignment import run_alignment
 from fedpir.server.rounds import Stage, run_federation
 from fedpir.strategies import make_strategy
 
@@ -42,18 +43,23 @@ def strategy_for(settings: RunSettings, model) -> object:
 
 
 def serve(grid: Grid, settings: RunSettings) -> ArrayRecord:
-    """Run the whole federation for ``settings`` (run folder resolved) and export the final global
-    model. The server reads no site data: it only sends weights and aggregates replies."""
+    """Run the whole federation for ``settings`` (run folder resolved), export the final global
+    model and, with ``align``, run the alignment stage on it (:mod:`fedpir.server.alignment`).
+    The server reads no site data: it only sends weights and aggregates replies."""
     model = build_model(settings)
     initial = ArrayRecord({k: v for k, v in model.state_dict().items()
                            if k in set(model.federated_keys(settings.key_policy))})
     run_dir = settings.run_path
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(json.dumps(settings.to_run_config(), indent=1))
-    final = run_federation(grid, strategy_for(settings, model), initial, stages(settings), run_dir,
+    strategy = strategy_for(settings, model)
+    run_stages = stages(settings)
+    final = run_federation(grid, strategy, initial, run_stages, run_dir,
                            timeout=settings.round_timeout, fingerprint=settings.fingerprint())
     torch.save(final.to_torch_state_dict(), run_dir / "global_model.pt")
     log.info("final global model (%d tensors) written to %s", len(final), run_dir / "global_model.pt")
+    if settings.align:
+        run_alignment(grid, strategy, final, settings, sum(stage.rounds for stage in run_stages))
     return final
 
 
