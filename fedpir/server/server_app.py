@@ -16,7 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedpir.models.pir import build_model
 from fedpir.protocol import EPOCHS_KEY, STAGES
 from fedpir.run_config import RunSettings
-from fedpir.server.rounds import Stage, run_federation
+from fedpir.server.rounds import SecureStep, Stage, run_federation
+from fedpir.server.secure_train import SecureRound, secure_train
 from fedpir.strategies import make_strategy
 
 log = logging.getLogger("fedpir.server")
@@ -41,6 +42,19 @@ def strategy_for(settings: RunSettings, model) -> object:
     return make_strategy(settings.strategy, **kwargs)
 
 
+def secure_step_for(settings: RunSettings) -> SecureStep | None:
+    """The secure-aggregation train step of the run (None: plain aggregation)."""
+    if not settings.secure_aggregation:
+        return None
+
+    def step(grid: Grid, strategy, server_round: int, arrays: ArrayRecord, config) -> SecureRound:
+        return secure_train(grid, strategy, server_round, arrays, config, clipping_range=settings.secagg_clipping_range,
+                            max_weight=settings.secagg_max_weight, min_sites=settings.min_sites,
+                            timeout=settings.round_timeout)[0]
+
+    return step
+
+
 def serve(grid: Grid, settings: RunSettings) -> ArrayRecord:
     """Run the whole federation for ``settings`` (run folder resolved) and export the final global
     model. The server reads no site data: it only sends weights and aggregates replies."""
@@ -51,7 +65,8 @@ def serve(grid: Grid, settings: RunSettings) -> ArrayRecord:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(json.dumps(settings.to_run_config(), indent=1))
     final = run_federation(grid, strategy_for(settings, model), initial, stages(settings), run_dir,
-                           timeout=settings.round_timeout, fingerprint=settings.fingerprint())
+                           timeout=settings.round_timeout, fingerprint=settings.fingerprint(),
+                           secure_step=secure_step_for(settings))
     torch.save(final.to_torch_state_dict(), run_dir / "global_model.pt")
     log.info("final global model (%d tensors) written to %s", len(final), run_dir / "global_model.pt")
     return final
