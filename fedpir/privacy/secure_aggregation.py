@@ -50,6 +50,15 @@ def noise_share(distributed: bool, sites: int) -> float:
     return sites ** -0.5 if distributed else 1.0
 
 
+def guarantee_of(share: float) -> str:
+    """The guarantee a private round with ``noise_share`` gives (its ledger entry's ``guarantee``):
+    :data:`LOCAL_DP` (the site's own noise protects its update against everyone, the server
+    included) or :data:`DISTRIBUTED_DP` (the recorded epsilon holds for the sum of the sites'
+    updates: against the server only while SecAgg+ holds and enough sites add their share honestly,
+    against other sites and whoever gets the model always)."""
+    return LOCAL_DP if share == 1.0 else DISTRIBUTED_DP
+
+
 def secagg_workflow(*, clipping_range: float, max_weight: float, timeout: float):
     """Flower's SecAgg+ workflow with fedpir's quantization; every site shares its key with all the
     others and any two-thirds of them can recover a dropped site's mask."""
