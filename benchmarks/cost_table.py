@@ -118,7 +118,13 @@ def _data(r: dict[str, Any]) -> list[str]:
 
 
 def _secure(r: dict[str, Any]) -> list[str]:
-    return [f"**Secure aggregation**: {r['figures']['skipped']}."]
+    f, c = r["figures"], r["config"]
+    if "skipped" in f:  # records from before fedpir had secure aggregation
+        return [f"**Secure aggregation**: {f['skipped']}."]
+    rows = "; ".join(f"{n} sites: {f[f'sites_{n}']['plain_round_s']:.2f} s plain, {f[f'sites_{n}']['secure_round_s']:.2f} s "
+                     f"with SecAgg+ ({f[f'sites_{n}']['ratio_round']:.2f}x)" for n in c["sites"])
+    return [f"**Secure aggregation** (fastest round after the first, {c['subjects']} patients per site, {c['size']}^3, "
+            f"without DP): {rows} [{c['target']}]."]
 
 
 SECTIONS = {"overhead": _overhead, "dp_cost": _dp, "communication": _communication, "scale": _scale,

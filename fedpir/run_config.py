@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedpir.privacy.secure_aggregation import SECURE_STRATEGIES
 from fedpir.transfer import check_transfer_dtype
 
 #: Which state-dict keys a site sends to the server (the baselines differ from fedpir here; "local" sends
@@ -65,6 +66,10 @@ class RunSettings:
     align_method: str = "procrustes"  # the map T: procrustes, lstsq, ridge (fedpir.models.alignment)
     align_pooling: str = "mean"  # X_h pooled into one vector per patient: mean, max, meanmax (fedpir.models.anchors)
     text_encoder: str = "auto"  # report embeddings: auto (MiniLM when installed), minilm, hashed (fedpir.models.text)
+    secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the updates (fedpir.privacy.secure_aggregation)
+    secagg_clipping_range: float = 1.0  # SecAgg+ clips each update value x num-examples / secagg-max-weight to +-this
+    secagg_max_weight: float = 100.0  # SecAgg+ weight scale (patients); a site above it is clipped harder
+    distributed_noise: bool = False  # with secure-aggregation: each site adds noise std sigma/sqrt(min-sites)
     min_sites: int = 2
     round_timeout: float = 600.0
 
@@ -78,6 +83,20 @@ class RunSettings:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         site_sizes(self.subjects_per_site, self.num_sites)  # raises on a bad size list
         _check_alignment(self)
+        self._check_secure_aggregation()
+
+    def _check_secure_aggregation(self) -> None:
+        """Secure aggregation composes with weighted-mean strategies and float32 transfer only."""
+        if self.secure_aggregation and self.strategy not in SECURE_STRATEGIES:
+            raise ValueError(f"secure-aggregation needs a weighted-mean strategy ({', '.join(SECURE_STRATEGIES)}), "
+                             f"not {self.strategy!r}: the others need each site's update")
+        if self.secure_aggregation and self.transfer_dtype != "float32":
+            raise ValueError("secure-aggregation quantizes the updates itself: use transfer-dtype float32")
+        if self.secure_aggregation and not (self.secagg_clipping_range > 0 and self.secagg_max_weight > 0):
+            raise ValueError("secagg-clipping-range and secagg-max-weight must be > 0")
+        if self.distributed_noise and not (self.secure_aggregation and self.dp):
+            raise ValueError("distributed-noise needs secure-aggregation = true and dp = true: without secure "
+                             "aggregation the server would see each site's under-noised update")
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunSettings:

@@ -185,6 +185,11 @@ def _site_key_budget_below_spent(entries: list[dict[str, Any]], state: Path) -> 
     return reseal(entries, load_signing_key(state / SIGNING_KEY_NAME))
 
 
+def _site_key_claims_distributed_noise(entries: list[dict[str, Any]], state: Path) -> list[dict[str, Any]]:
+    entries[2]["guarantee"] = "distributed-dp-under-secagg"  # while its noise share says the site added it all
+    return reseal(entries, load_signing_key(state / SIGNING_KEY_NAME))
+
+
 TAMPERING = {
     "delete-entry": (_delete_second, {(2, "chain")}),
     "edit-epsilon": (_edit_epsilon, {(3, "signature"), (3, "epsilon")}),
@@ -196,6 +201,7 @@ TAMPERING = {
     "site-key-drops-steps": (_site_key_drops_steps, {(3, "history")}),
     "site-key-raises-budget": (_site_key_raises_budget, {(3, "budget-growth")}),
     "site-key-budget-below-spent": (_site_key_budget_below_spent, {(3, "budget")}),
+    "site-key-claims-distributed-noise": (_site_key_claims_distributed_noise, {(3, "guarantee")}),
 }
 
 

@@ -38,10 +38,14 @@ def run(module, results: Path, *argv: str) -> dict:
     return record
 
 
-def test_secure_aggregation_is_reported_missing(results: Path) -> None:
-    record = run(secure_aggregation, results)
-    assert record["figures"]["available"] is False
-    assert "not available" in record["figures"]["skipped"]
+@pytest.mark.slow
+def test_secure_aggregation_on_the_simulation_engine(results: Path) -> None:
+    record = run(secure_aggregation, results, "--sites", "3", "--subjects", "3", "--rounds", "2")
+    f = record["figures"]["sites_3"]
+    assert len(f["plain_rounds_s"]) == len(f["secure_rounds_s"]) == 2
+    assert f["ratio_round"] == pytest.approx(f["secure_round_s"] / f["plain_round_s"])
+    assert record["figures"]["ratio_at_max_sites"] == f["ratio_round"]
+    assert "3 sites:" in cost_table.table([record])
 
 
 def test_data_path(results: Path) -> None:
@@ -98,6 +102,7 @@ def test_cost_table_from_the_records(results: Path, tmp_path: Path) -> None:
     assert "STALE-TABLE" not in content and text in content and content.endswith("## Next\n")
 
 
+@pytest.mark.slow  # every benchmark now starts Flower's simulation engine or trains
 def test_suite_runs_the_chosen_benchmarks(results: Path, capsys: pytest.CaptureFixture) -> None:
     assert suite.main(["--only", "secure_aggregation", "--results", str(results)]) == 0
     record = json.loads(results.read_text().splitlines()[-1])

@@ -23,19 +23,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
 from fedpir.alignment_stage import map_from_records
 from fedpir.client.alignment import statistics_reply, zero_shot_metrics
 from fedpir.client.guard import admit_alignment, admit_evaluation, admit_training, answered
+from fedpir.client.secure_mod import secure_aggregation_mod, under_secure_aggregation
 from fedpir.client.site import Site, site_state_dir
 from fedpir.deployment.approval import require_guard_mod
 from fedpir.privacy.budget import PrivacyLedger
-from fedpir.privacy.policy import SitePolicy, check_request, policy_of_node
+from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_request, policy_of_node
 from fedpir.privacy.release import release
+from fedpir.privacy.secure_aggregation import key_order
 from fedpir.protocol import (
     ALIGN_STATISTICS,
     ALIGN_ZEROSHOT,
@@ -89,15 +94,18 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
     return _SITES[key]
 
 
+def _released(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int) -> dict[str, float]:
+    """The metrics the policy releases (computed over ``n`` patients) and the modality flags."""
+    flags = {has_modality_key(m): float(m in site.modalities) for m in site.settings.vocabulary}
+    return release({**metrics, **flags, NUM_EXAMPLES_KEY: n}, policy, n_patients=n, budget=site.trainer.budget,
+                   message=msg.metadata.message_type)
+
+
 def _reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int,
            arrays: ArrayRecord | None, **records: ArrayRecord | ConfigRecord) -> Message:
-    """The reply: the metrics the policy releases (computed over ``n`` patients), the site's name,
-    ``arrays`` and any other ``records`` by name."""
-    flags = {has_modality_key(m): float(m in site.modalities) for m in site.settings.vocabulary}
-    released = release({**metrics, **flags, NUM_EXAMPLES_KEY: n}, policy, n_patients=n, budget=site.trainer.budget,
-                       message=msg.metadata.message_type)
+    """The reply: the released metrics, the site's name, ``arrays`` and any other ``records`` by name."""
     content = RecordDict({
-        "metrics": MetricRecord(released),
+        "metrics": MetricRecord(_released(msg, site, policy, metrics, n)),
         "site": ConfigRecord({"name": site.name}),
     })
     if arrays is not None:
@@ -107,6 +115,36 @@ def _reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, floa
     return Message(content=content, reply_to=msg)
 
 
+def _secure_reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int,
+                  update: dict[str, torch.Tensor]) -> Message:
+    """The reply SecAgg+ masks: Flower's legacy FitRes layout with the update in
+    :func:`~fedpir.privacy.secure_aggregation.key_order`, weighted by the released ``num-examples``."""
+    released = _released(msg, site, policy, metrics, n)
+    ndarrays = [update[k].detach().cpu().numpy().astype(np.float32) for k in key_order(update)]
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(ndarrays), int(released.get(NUM_EXAMPLES_KEY, n)),
+                    released)
+    content = compat.fitres_to_recorddict(fitres, keep_input=False)
+    content["site"] = ConfigRecord({"name": site.name})
+    return Message(content=content, reply_to=msg)
+
+
+def _train_request(msg: Message, site: Site) -> tuple[ConfigRecord, dict[str, torch.Tensor], bool]:
+    """The config and global weights of a train request, and whether it came through SecAgg+
+    (Flower's legacy FitIns layout, weights in key order). A secure-aggregation run's site
+    answers no plain train request: its update would leave unmasked."""
+    secure = under_secure_aggregation(msg)
+    if site.settings.secure_aggregation and not secure:
+        raise PolicyViolation("secure-aggregation", "a plain train request in a secure-aggregation run")
+    if not secure:
+        return msg.content["config"], msg.content["arrays"].to_torch_state_dict(), False
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    keys = key_order(site.sent_keys)
+    if len(arrays) != len(keys):
+        raise ValueError(f"secure train request holds {len(arrays)} arrays, the key policy {len(keys)}")
+    return ConfigRecord(dict(fitins.config)), {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays)}, True
+
+
 def admitted_site(context: Context, settings: RunSettings | None) -> tuple[Site, SitePolicy]:
     """The site of this node and its privacy policy, once the run's settings passed the policy."""
     policy = policy_of_node(dict(context.node_config))
@@ -114,21 +152,27 @@ def admitted_site(context: Context, settings: RunSettings | None) -> tuple[Site,
     return site_for(context, settings), policy
 
 
-def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None = None) -> ClientApp:
-    """A ClientApp; ``settings`` fixes the run settings (else they come from Flower's run config)."""
-    app = ClientApp(mods=mods or [])
+def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None = None,
+                    inner_mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp; ``settings`` fixes the run settings (else they come from Flower's run config).
+    ``mods`` run before secure aggregation (they see masked updates), ``inner_mods`` after it (they
+    see the plain reply of the train handler)."""
+    secure = secure_aggregation_mod(lambda context: run_settings(context, settings))
+    app = ClientApp(mods=[*(mods or []), secure, *(inner_mods or [])])
 
     @app.train()
     @answered
     def train(msg: Message, context: Context) -> Message:
         """Load the global shared weights, train locally under DP, reply with the shared weights only."""
         site, site_policy = admitted_site(context, settings)
-        config = msg.content["config"]
+        config, received, secure = _train_request(msg, site)
         epochs = int(config.get(EPOCHS_KEY, site.settings.local_epochs))
         admit_training(site_policy, site, epochs)
-        received = msg.content["arrays"].to_torch_state_dict()
         site.load_global(received)
         metrics = site.train(str(config[STAGE_KEY]), epochs=epochs, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
+        if secure:
+            update = {k: v - received[k] for k, v in site.sent_state().items()}
+            return _secure_reply(msg, site, site_policy, metrics, len(site.train_set), update)
         sent = encode_reply(site.sent_state(), received, site.settings.transfer_dtype)
         return _reply(msg, site, site_policy, metrics, len(site.train_set), sent)
 

@@ -13,7 +13,11 @@ in the file) it checks the rules:
   from the recorded history;
 - ``budget``: epsilon (recorded and recomputed) does not exceed the recorded budget;
 - ``budget-growth``: the budget never grows from one private entry to the next;
-- ``delta``: all private entries use one delta.
+- ``delta``: all private entries use one delta;
+- ``guarantee``: the stated guarantee fits the noise share (``local-dp``: the site added the whole
+  noise; ``distributed-dp-under-secagg``: it added ``noise_share`` of it under secure aggregation,
+  and the recomputed epsilon, from the recorded full ``noise_multiplier``, is that of the sum of
+  the sites' updates; see :mod:`fedpir.privacy.secure_aggregation`).
 
 The accounting is recomputed here from the entries alone, not with the site's own code path
 (:class:`fedpir.privacy.budget.PrivacyBudget`).
@@ -31,6 +35,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from opacus.accountants import create_accountant
 
+from fedpir.privacy.secure_aggregation import DISTRIBUTED_DP, LOCAL_DP, guarantee_of
 from fedpir.privacy.signing import GENESIS, check_entry, entry_hash
 
 #: Fields every private entry must carry (what an auditor's policy is about).
@@ -117,6 +122,17 @@ def recompute_epsilon(accountant: str, history: list[tuple[float, float, int]], 
     return float(acc.get_epsilon(delta=delta)) if acc.history else 0.0
 
 
+def _check_guarantee(number: int, entry: dict[str, Any], result: AuditResult) -> None:
+    """The entry's stated guarantee fits its noise share (entries written before secure aggregation
+    state none: local DP). The epsilon is recomputed from ``noise_multiplier`` either way: under
+    distributed noise that is the noise of the sum, the guarantee the entry states."""
+    share = entry.get("noise_share", 1.0)
+    guarantee = entry.get("guarantee", LOCAL_DP)
+    if not (isinstance(share, int | float) and 0 < share <= 1) or guarantee != guarantee_of(float(share)):
+        result.failures.append(Failure(number, "guarantee", f"guarantee {guarantee!r} does not fit noise share {share!r} "
+                                                            f"(local-dp: 1; {DISTRIBUTED_DP}: below 1)"))
+
+
 def _check_private(number: int, entry: dict[str, Any], state: dict[str, Any], result: AuditResult) -> None:
     """The accounting rules of one private entry; ``state`` carries the previous private entry's values."""
     fail = result.failures.append
@@ -131,6 +147,7 @@ def _check_private(number: int, entry: dict[str, Any], state: dict[str, Any], re
     except (TypeError, ValueError) as err:
         fail(Failure(number, "format", f"malformed private entry ({err})"))
         return
+    _check_guarantee(number, entry, result)
     expected = _composed(state["history"], sigma, rate, steps)
     if steps < 1:
         fail(Failure(number, "history", f"a private round must count at least one step, got {steps}"))

@@ -2,7 +2,8 @@
 
 The ledger is a JSON-lines file in the site's state folder, one entry per local round (pretraining
 and fine-tuning alike). A private entry holds the round (stage, steps, sample rate, noise
-multiplier, clipping bound), the epsilon after the round and the accountant's full history
+multiplier, clipping bound, which guarantee it gives: ``guarantee`` and ``noise_share``, see
+:mod:`fedpir.privacy.secure_aggregation`), the epsilon after the round and the accountant's full history
 ``[(noise_multiplier, sample_rate, steps), ...]``, so that a restarted client rebuilds the Opacus
 accountant from the last entry and epsilon keeps accumulating. A non-private round is recorded as
 ``"dp": false`` without an epsilon: the site then has no DP guarantee for what it released, and
@@ -25,6 +26,7 @@ from opacus.accountants import IAccountant, create_accountant
 
 from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, StateKeyError, private_dir
 from fedpir.privacy.dp import RoundPlan
+from fedpir.privacy.secure_aggregation import guarantee_of
 from fedpir.privacy.signing import (
     GENESIS,
     SIGNING_KEY_NAME,
@@ -273,6 +275,8 @@ class PrivacyBudget:
             "steps": steps,
             "sample_rate": plan.sample_rate,
             "noise_multiplier": plan.noise_multiplier,
+            "guarantee": guarantee_of(plan.noise_share),
+            "noise_share": plan.noise_share,
             "max_grad_norm": plan.max_grad_norm,
             "epsilon": self.spent(),
             "delta": self.delta,

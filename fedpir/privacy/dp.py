@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
+from fedpir.privacy.secure_aggregation import noise_share
 from fedpir.run_config import RunSettings
 
 # Opacus' backward hooks make torch warn when a layer's input needs no gradient (the first layer
@@ -81,6 +82,10 @@ class DPConfig:
             from the trainer's seed: reproducible experiments, only where the seed's owner is the
             data's owner. (Opacus' own ``secure_mode`` needs torchcsprng, which has no build for
             current torch; this is the stand-in, on torch's generator.)
+        noise_share: the fraction of the noise std this site adds itself: 1 (local DP), or
+            ``1/sqrt(sites)`` under distributed noise with secure aggregation
+            (:func:`fedpir.privacy.secure_aggregation.noise_share`); the accountant and the ledger
+            count the full ``noise_multiplier``, the guarantee of the sum of the sites' updates.
     """
 
     enabled: bool = True
@@ -92,8 +97,11 @@ class DPConfig:
     budget_epsilon: float = 8.0
     planned_rounds: int = 1
     secret_noise: bool = True
+    noise_share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.noise_share <= 1:
+            raise ValueError(f"noise_share must be in (0, 1], got {self.noise_share}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.max_grad_norm <= 0:
@@ -121,7 +129,8 @@ def dp_config_for(settings: RunSettings) -> DPConfig:
     """A site's DP-SGD settings for a run: a fixed noise multiplier, or (noise-multiplier = 0) the
     one that spends exactly the budget over all planned rounds of the run."""
     common = dict(max_grad_norm=settings.max_grad_norm, budget_epsilon=settings.epsilon_budget,
-                  secret_noise=settings.secret_noise, accountant=settings.accountant, delta=settings.delta or None)
+                  secret_noise=settings.secret_noise, accountant=settings.accountant, delta=settings.delta or None,
+                  noise_share=noise_share(settings.distributed_noise, settings.min_sites))
     if not settings.dp:
         return DPConfig(enabled=False, **common)
     if settings.noise_multiplier > 0:
@@ -145,6 +154,12 @@ class RoundPlan:
     steps: int
     noise_multiplier: float
     max_grad_norm: float
+    noise_share: float = 1.0
+
+    @property
+    def added_noise_multiplier(self) -> float:
+        """The noise multiplier of the noise this site adds (its share under distributed noise)."""
+        return self.noise_multiplier * self.noise_share
 
 
 def sample_rate_for(n_patients: int, batch_size: int) -> float:
@@ -176,7 +191,8 @@ def plan_round(cfg: DPConfig, *, n_patients: int, batch_size: int, epochs: int, 
     else:
         assert cfg.noise_multiplier is not None  # DPConfig validation
         sigma = cfg.noise_multiplier
-    return RoundPlan(sample_rate=rate, steps=steps, noise_multiplier=float(sigma), max_grad_norm=cfg.max_grad_norm)
+    return RoundPlan(sample_rate=rate, steps=steps, noise_multiplier=float(sigma), max_grad_norm=cfg.max_grad_norm,
+                     noise_share=cfg.noise_share)
 
 
 #: Above this forecast noise/signal ratio a private run is expected to learn little (see forecast).
@@ -273,7 +289,7 @@ class PrivateModel:
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            noise_multiplier=plan.noise_multiplier,
+            noise_multiplier=plan.added_noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
             poisson_sampling=True,
             noise_generator=noise_generator,
@@ -283,12 +299,21 @@ class PrivateModel:
         self.loader.collate_fn = collate_patients  # see collate_patients: Opacus' wrapper breaks on dicts
         if self.loader.sample_rate != plan.sample_rate:
             raise RuntimeError(f"Opacus sample rate {self.loader.sample_rate} != planned {plan.sample_rate}")
+        self.accountant, self.plan = accountant, plan
+        self.optimizer.attach_step_hook(self._account)
+
+    def _account(self, optimizer: DPOptimizer) -> None:
+        """Opacus' accounting hook, counting the plan's noise multiplier: the full one even where
+        this site adds only its share (distributed noise: the guarantee of the sum)."""
+        self.accountant.step(noise_multiplier=self.plan.noise_multiplier,
+                             sample_rate=self.plan.sample_rate * optimizer.accumulated_iterations)
 
     def set_plan(self, plan: RoundPlan) -> None:
         """Use the noise multiplier of a new round plan (the sample rate is fixed by the loader)."""
         if plan.sample_rate != self.loader.sample_rate:
             raise ValueError("sample rate changed: wrap the model again")
-        self.optimizer.noise_multiplier = plan.noise_multiplier
+        self.optimizer.noise_multiplier = plan.added_noise_multiplier
+        self.plan = plan
         self.optimizer.max_grad_norm = plan.max_grad_norm
 
     def step(self, n_patients: int) -> None:

@@ -61,6 +61,9 @@ class SitePolicy:
         evaluations_per_round: evaluate requests answered per local training round.
         metric_noise_multiplier: Gaussian noise (in units of a metric's sensitivity) of the
             metrics released in ``noise`` mode.
+        distributed_noise_allowed: under secure aggregation the site may add only its share of the
+            noise (``distributed-noise``): its guarantee against the server then rests on SecAgg+ and
+            on enough honest sites (:mod:`fedpir.privacy.secure_aggregation`).
         metrics: per patient-derived metric, how it may leave (:data:`METRIC_MODES`): by name
             (``dice``), by declared prefix (``loss_``: every training loss term) or ``*`` (all);
             metrics not named take the declared default of :data:`fedpir.privacy.release.METRICS`.
@@ -78,6 +81,7 @@ class SitePolicy:
     secret_noise_required: bool = True
     evaluations_per_round: int = 1
     metric_noise_multiplier: float = 20.0
+    distributed_noise_allowed: bool = False
     metrics: Mapping[str, str] = field(default_factory=dict)
     alignment_statistics: bool = False
 
@@ -128,6 +132,7 @@ DEFAULT_POLICY = SitePolicy()
 #: Never for a hospital: only nodes of the simulation engine get it (see policy_of_node).
 RESEARCH_POLICY = SitePolicy(dp_required=False, max_epsilon=None, max_delta=0.5, min_noise_multiplier=0.0,
                              key_policies=KEY_POLICIES, secret_noise_required=False, evaluations_per_round=1_000_000,
+                             distributed_noise_allowed=True,
                              metrics={"*": "exact"}, alignment_statistics=True)
 
 
@@ -181,6 +186,8 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> None:
         raise PolicyViolation("secret-noise", "the server asked for noise replayable from the run's seed")
     if settings.dp and settings.delta > policy.max_delta:
         raise PolicyViolation("max-delta", f"delta {settings.delta:g} > {policy.max_delta:g}")
+    if settings.distributed_noise and not policy.distributed_noise_allowed:
+        raise PolicyViolation("distributed-noise", "the server asked the site to add only its share of the DP noise")
     if settings.dp and policy.max_epsilon is not None and settings.epsilon_budget > policy.max_epsilon:
         raise PolicyViolation("max-epsilon", f"epsilon budget {settings.epsilon_budget:g} > {policy.max_epsilon:g}")
 

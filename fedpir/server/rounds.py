@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,11 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpir.protocol import ROUND_KEY, STAGE_KEY
 from fedpir.server.checkpoint import Checkpoint, CheckpointStore, restore_strategy_state, strategy_state
+from fedpir.server.secure_train import SecureRound
 
 log = logging.getLogger("fedpir.server")
+#: A train step under secure aggregation: (grid, strategy, round, global arrays, config) -> what the server learnt.
+SecureStep = Callable[[Grid, Strategy, int, ArrayRecord, ConfigRecord], SecureRound]
 
 
 @dataclass
@@ -92,6 +95,23 @@ def _log_rejections(metrics_log: MetricsLog, strategy: Strategy, stage: str, rnd
         metrics_log.write(kind="rejected", stage=stage, round=rnd, rejection=rejection)
 
 
+def _log_secure(metrics_log: MetricsLog, stage: str, rnd: int, secure: SecureRound) -> None:
+    """Per-site records of a secure train step: each site's released metrics, the failures."""
+    for reason in secure.failures:
+        metrics_log.write(kind="train-error", stage=stage, round=rnd, site="?", error=reason)
+        log.warning("round %d secure train: a site failed: %s", rnd, reason)
+    for node, metrics in secure.site_metrics.items():
+        metrics_log.write(kind="train", stage=stage, round=rnd, site=str(node), metrics=metrics)
+
+
+def _secure_round_failed(stage: str, rnd: int, secure: SecureRound) -> RoundFailedError:
+    errors = "; ".join(secure.failures)
+    return RoundFailedError(
+        f"round {rnd} ({stage}): secure aggregation produced no sum ({len(secure.site_metrics)} sites completed"
+        f"{', errors: ' + errors if errors else ''}); the run stops after round {rnd - 1}: see metrics.jsonl "
+        "(train-error), fix the sites, then `flwr run` again with the same run-dir to resume")
+
+
 class RoundFailedError(RuntimeError):
     """A round produced no aggregate (too few usable updates): the run stops at its last checkpoint."""
 
@@ -112,10 +132,13 @@ def run_federation(
     run_dir: Path,
     timeout: float = 3600.0,
     fingerprint: dict[str, Any] | None = None,
+    secure_step: SecureStep | None = None,
 ) -> ArrayRecord:
     """Run all stages, checkpointing after every round; resume from ``run_dir`` if it holds a
     checkpoint of this same run (``fingerprint``: the settings that define it; a checkpoint of
-    other settings raises :class:`~fedpir.server.checkpoint.ResumeError`).
+    other settings raises :class:`~fedpir.server.checkpoint.ResumeError`). ``secure_step`` (secure
+    aggregation, :func:`fedpir.server.secure_train.secure_train`) replaces the train step: the server
+    then holds only the weighted mean of the updates; evaluation and checkpoints stay as they are.
 
     A round whose updates cannot be aggregated (fewer than the strategy's minimum usable, e.g. every
     site refused) stops the run with :class:`RoundFailedError` rather than finish with a model nobody
@@ -139,11 +162,17 @@ def run_federation(
             config = ConfigRecord({**stage.config, STAGE_KEY: stage.name, ROUND_KEY: global_round})
             log.info("[%s round %d/%d] (global round %d)", stage.name, stage_round, stage.rounds, global_round)
 
-            replies, sent_to = exchange(grid, strategy.configure_train(global_round, arrays, config, grid), timeout)
-            log_replies(metrics_log, "train", stage.name, global_round, replies, sent_to)
-            new_arrays, train_metrics = strategy.aggregate_train(global_round, replies)
+            if secure_step is None:
+                replies, sent_to = exchange(grid, strategy.configure_train(global_round, arrays, config, grid), timeout)
+                log_replies(metrics_log, "train", stage.name, global_round, replies, sent_to)
+                new_arrays, train_metrics = strategy.aggregate_train(global_round, replies)
+            else:
+                secure = secure_step(grid, strategy, global_round, arrays, config)
+                _log_secure(metrics_log, stage.name, global_round, secure)
+                new_arrays, train_metrics = secure.arrays, secure.metrics
             if new_arrays is None:
-                error = _round_failed(stage.name, global_round, replies, sent_to)
+                error = (_round_failed(stage.name, global_round, replies, sent_to) if secure_step is None
+                         else _secure_round_failed(stage.name, global_round, secure))
                 _log_rejections(metrics_log, strategy, stage.name, global_round)
                 metrics_log.write(kind="round-failed", stage=stage.name, round=global_round, error=str(error))
                 raise error

@@ -17,7 +17,8 @@ from fedpir.models.pir import build_model
 from fedpir.protocol import EPOCHS_KEY, STAGES
 from fedpir.run_config import RunSettings
 from fedpir.server.alignment import run_alignment
-from fedpir.server.rounds import Stage, run_federation
+from fedpir.server.rounds import SecureStep, Stage, run_federation
+from fedpir.server.secure_train import SecureRound, secure_train
 from fedpir.strategies import make_strategy
 
 log = logging.getLogger("fedpir.server")
@@ -42,6 +43,19 @@ def strategy_for(settings: RunSettings, model) -> object:
     return make_strategy(settings.strategy, **kwargs)
 
 
+def secure_step_for(settings: RunSettings) -> SecureStep | None:
+    """The secure-aggregation train step of the run (None: plain aggregation)."""
+    if not settings.secure_aggregation:
+        return None
+
+    def step(grid: Grid, strategy, server_round: int, arrays: ArrayRecord, config) -> SecureRound:
+        return secure_train(grid, strategy, server_round, arrays, config, clipping_range=settings.secagg_clipping_range,
+                            max_weight=settings.secagg_max_weight, min_sites=settings.min_sites,
+                            timeout=settings.round_timeout)[0]
+
+    return step
+
+
 def serve(grid: Grid, settings: RunSettings) -> ArrayRecord:
     """Run the whole federation for ``settings`` (run folder resolved), export the final global
     model and, with ``align``, run the alignment stage on it (:mod:`fedpir.server.alignment`).
@@ -55,7 +69,8 @@ def serve(grid: Grid, settings: RunSettings) -> ArrayRecord:
     strategy = strategy_for(settings, model)
     run_stages = stages(settings)
     final = run_federation(grid, strategy, initial, run_stages, run_dir,
-                           timeout=settings.round_timeout, fingerprint=settings.fingerprint())
+                           timeout=settings.round_timeout, fingerprint=settings.fingerprint(),
+                           secure_step=secure_step_for(settings))
     torch.save(final.to_torch_state_dict(), run_dir / "global_model.pt")
     log.info("final global model (%d tensors) written to %s", len(final), run_dir / "global_model.pt")
     if settings.align:
