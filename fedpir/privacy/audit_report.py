@@ -3,7 +3,8 @@
 One Markdown file ``audit_report.md`` and one figure ``epsilon.png`` in the output folder. With a
 site's public key the ledger is verified first (:func:`fedpir.privacy.audit.verify_ledger`) and the
 page plots the epsilon recomputed with Opacus; without one it plots the epsilon the site recorded
-and says that the ledger was not verified.
+and says that the ledger was not verified. With an attack result file (``fedpir audit attack``) the
+page adds the membership-inference table: epsilon next to the attack's AUROC.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpir.privacy.attack_study import load_results
 from fedpir.privacy.audit import AuditResult, verify_ledger
 from fedpir.privacy.signing import load_public_key
 
@@ -54,11 +56,14 @@ def _verified(path: Path, result: AuditResult) -> SiteRounds:
     return SiteRounds(path.parent.name, path, verdict, result.rounds, result.non_private_rounds, result.delta)
 
 
-def write_report(ledgers: list[Path], out: Path, public_keys: list[Path] | None = None) -> tuple[Path, bool]:
-    """Write the page for ``ledgers`` (keys, if given, in the same order); returns (page, all verified ok)."""
+def write_report(ledgers: list[Path], out: Path, public_keys: list[Path] | None = None,
+                 attack: Path | None = None) -> tuple[Path, bool]:
+    """Write the page for ``ledgers`` (keys, if given, in the same order) and, if given, the
+    ``attack`` result file's table; returns (page, all verified ok)."""
     keys = list(public_keys or [])
     if keys and len(keys) != len(ledgers):
         raise ValueError(f"give one --public-key per ledger ({len(ledgers)} ledgers, {len(keys)} keys)")
+    attack_lines = _attack_section(load_results(attack)) if attack is not None else []
     sites, ok = [], True
     for i, path in enumerate(ledgers):
         if not path.is_file():
@@ -86,9 +91,26 @@ def write_report(ledgers: list[Path], out: Path, public_keys: list[Path] | None 
     lines += ["", "A non-private round releases an update without any DP guarantee. Epsilon is "
               + ("recomputed with Opacus from each entry's accountant history." if keys else
                  "as recorded by the site: verify the ledgers (`--public-key`) to recompute it."), ""]
+    lines += attack_lines
     page = out / REPORT_NAME
     page.write_text("\n".join(lines))
     return page, ok
+
+
+def _attack_section(document: dict) -> list[str]:
+    """Markdown lines of a membership-inference result: epsilon next to the attack's AUROC."""
+    lines = ["## Membership inference", "",
+             f"Attack: {document.get('attack', '?')} (score {document.get('score', '?')}), members = the site's "
+             "training patients, non-members = held-out patients of the same site. AUROC 0.5 is a coin toss, "
+             "1.0 tells every member apart; it is an empirical lower bound on what leaks, not a guarantee.", "",
+             "| epsilon | AUROC mean | sd | min | max | seeds | member loss | non-member loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in document["summary"]:
+        eps = "inf (no DP)" if row.get("epsilon") is None else f"{row['epsilon']:.3g}"
+        lines.append(f"| {eps} | {row['auroc_mean']:.3f} | {row['auroc_sd']:.3f} | {row['auroc_min']:.3f} | "
+                     f"{row['auroc_max']:.3f} | {row['seeds']} | {row['member_loss_mean']:.4g} | "
+                     f"{row['nonmember_loss_mean']:.4g} |")
+    return [*lines, ""]
 
 
 def _plot(sites: list[SiteRounds], path: Path) -> None:
