@@ -60,6 +60,8 @@ def test_report_refuses_a_file_that_is_not_an_attack_result(tmp_path: Path, caps
     assert main(["audit", "report", str(ledger), "--out", str(tmp_path / "page"), "--attack", str(bogus)]) == 2
     err = capsys.readouterr().err
     assert "no 'summary' list" in err and len(err.strip().splitlines()) == 1
+    assert main(["audit", "report", "--out", str(tmp_path / "page")]) == 2
+    assert "nothing to report" in capsys.readouterr().err
 
 
 def test_attack_end_to_end_on_a_site(small_federation: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -79,9 +81,8 @@ def test_attack_end_to_end_on_a_site(small_federation: Path, tmp_path: Path, cap
     assert [row["epsilon"] for row in document["summary"]] == [None, private["epsilon"]]
     assert "AUROC mean" in printed and f"{no_dp['auroc']:.3f}" in printed
 
-    ledger = tmp_path / "ledger.jsonl"
-    ledger.write_text("")
-    assert main(["audit", "report", str(ledger), "--out", str(tmp_path / "page"), "--attack", str(out)]) == 0
+    assert main(["audit", "report", "--out", str(tmp_path / "page"), "--attack", str(out)]) == 0
     page = (tmp_path / "page" / "audit_report.md").read_text()
-    assert "## Membership inference" in page and "| inf (no DP) |" in page
+    assert "## Membership inference" in page and "| inf (no DP) |" in page and "| site |" not in page
+    assert (tmp_path / "page" / "attack_auroc.png").stat().st_size > 1000
     assert f"| {private['epsilon']:.3g} | {private['auroc']:.3f} |" in page

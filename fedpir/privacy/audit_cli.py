@@ -1,7 +1,7 @@
 """`fedpir audit`: an auditor's check of a site's privacy ledger, with the site's public key only.
 
     fedpir audit verify LEDGER --public-key KEY [--json]
-    fedpir audit report LEDGER... --out DIR [--public-key KEY...] [--attack FILE]
+    fedpir audit report [LEDGER...] --out DIR [--public-key KEY...] [--attack FILE]
     fedpir audit attack --out FILE [--epsilons inf,1] [--seeds 3] ...
 
 Prints one line per failure (``LEDGER: entry N: RULE: detail``, N the 1-based line of the entry; the
@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the site's ledger public key (ledger_signing.pub: PEM, or 32 raw bytes)")
     verify.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     report = sub.add_parser("report", help="a Markdown page: epsilon per round per site, budget left")
-    report.add_argument("ledgers", type=Path, nargs="+", metavar="LEDGER", help="one privacy_ledger.jsonl per site")
+    report.add_argument("ledgers", type=Path, nargs="*", metavar="LEDGER",
+                        help="one privacy_ledger.jsonl per site (none: only the --attack table)")
     report.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder of the page and its figure")
     report.add_argument("--public-key", type=Path, action="append", default=[], metavar="KEY",
                         help="each ledger's public key, in the ledgers' order (verifies them; exit 1 if one fails)")
