@@ -86,3 +86,15 @@ def test_attack_end_to_end_on_a_site(small_federation: Path, tmp_path: Path, cap
     assert "## Membership inference" in page and "| inf (no DP) |" in page and "| site |" not in page
     assert (tmp_path / "page" / "attack_auroc.png").stat().st_size > 1000
     assert f"| {private['epsilon']:.3g} | {private['auroc']:.3f} |" in page
+
+
+@pytest.mark.slow
+def test_dp_at_epsilon_1_blunts_the_attack_that_reads_an_overfit_model(tmp_path: Path) -> None:
+    """The default overfitting configuration, one seed: without DP the attack tells members apart,
+    at epsilon 1 it is much closer to a coin toss (docs/results/membership_attack/ has 3 seeds)."""
+    out = tmp_path / "attack.json"
+    assert main(["audit", "attack", "--seeds", "1", "--no-progress", "--out", str(out)]) == 0
+    no_dp, private = json.loads(out.read_text())["summary"]
+    assert no_dp["member_loss_mean"] < no_dp["nonmember_loss_mean"] / 10  # memorized
+    assert no_dp["auroc_mean"] > 0.85
+    assert private["auroc_mean"] < no_dp["auroc_mean"] - 0.2
