@@ -1,7 +1,8 @@
 """`fedpir audit`: an auditor's check of a site's privacy ledger, with the site's public key only.
 
     fedpir audit verify LEDGER --public-key KEY [--json]
-    fedpir audit report LEDGER... --out DIR [--public-key KEY...]
+    fedpir audit report [LEDGER...] --out DIR [--public-key KEY...] [--attack FILE]
+    fedpir audit attack --out FILE [--epsilons inf,1] [--seeds 3] ...
 
 Prints one line per failure (``LEDGER: entry N: RULE: detail``, N the 1-based line of the entry; the
 rules are listed in :mod:`fedpir.privacy.audit`) and a final summary line with epsilon spent of the
@@ -9,7 +10,11 @@ budget and the hash of the last entry (keep it: a later audit whose ledger no lo
 shows that entries were cut off). ``--json`` prints one JSON object instead.
 
 ``report`` writes ``DIR/audit_report.md`` with a plot of epsilon per private round per site and the
-budget left (see :mod:`fedpir.privacy.audit_report`); with one public key per ledger it verifies them first.
+budget left (see :mod:`fedpir.privacy.audit_report`); with one public key per ledger it verifies them first,
+and with ``--attack`` it adds the membership-inference table of an ``attack`` result file.
+
+``attack`` trains a site's model with and without DP on an overfitting configuration and prints the
+AUROC of a membership-inference attack next to epsilon (see :mod:`fedpir.privacy.attack_study`).
 
 Exit codes: 0 every rule holds, 1 verification failed, 2 usage error or unreadable ledger or key.
 """
@@ -20,6 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fedpir.privacy import attack_study
 from fedpir.privacy.audit import verify_ledger
 from fedpir.privacy.signing import load_public_key
 
@@ -35,10 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the site's ledger public key (ledger_signing.pub: PEM, or 32 raw bytes)")
     verify.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     report = sub.add_parser("report", help="a Markdown page: epsilon per round per site, budget left")
-    report.add_argument("ledgers", type=Path, nargs="+", metavar="LEDGER", help="one privacy_ledger.jsonl per site")
+    report.add_argument("ledgers", type=Path, nargs="*", metavar="LEDGER",
+                        help="one privacy_ledger.jsonl per site (none: only the --attack table)")
     report.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder of the page and its figure")
     report.add_argument("--public-key", type=Path, action="append", default=[], metavar="KEY",
                         help="each ledger's public key, in the ledgers' order (verifies them; exit 1 if one fails)")
+    report.add_argument("--attack", type=Path, metavar="FILE", help="a `fedpir audit attack` result file to add")
+    attack = sub.add_parser("attack", help="membership-inference attack on a site's model, AUROC next to epsilon")
+    attack_study.add_arguments(attack)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "report":
         from fedpir.privacy.audit_report import write_report
 
-        page, ok = write_report(args.ledgers, args.out, args.public_key)
+        page, ok = write_report(args.ledgers, args.out, args.public_key, attack=args.attack)
         print(f"wrote {page}" + ("" if ok else " (a ledger FAILED verification: run `fedpir audit verify` on it)"))
         return 0 if ok else 1
+    if args.action == "attack":
+        return attack_study.run(args)
     raise ValueError(f"unknown audit action {args.action!r}")
