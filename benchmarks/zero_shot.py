@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (a PNG is written beside it)")
     args = parser.parse_args(argv)
+    if args.warm_start and not args.warm_start.is_file():
+        parser.error(f"--warm-start {args.warm_start} is not a file; build one with `fedpir pretrain-public`")
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     encoders: dict[str, Any] = {}
