@@ -158,20 +158,20 @@ def compare_maps(federated: AlignmentStatistics, pooled: AlignmentStatistics, ar
     return results
 
 
-def warm_start_model(seed: int, args: argparse.Namespace) -> PIRNet:
+def warm_start_model(seed: int, args: argparse.Namespace) -> tuple[PIRNet, str]:
     """The public warm start for ``--size`` and the default modality vocabulary (``--warm-start``, or
-    the cached one, built if absent)."""
+    the cached one, built if absent), and its SHA-256."""
     grid = RunSettings(seed=seed, volume_size=args.size)
     path, sha = ((str(args.warm_start), file_sha256(args.warm_start)) if args.warm_start
                  else cached_warm_start(grid, invariance_weight=1.0))
-    return build_model(RunSettings(seed=seed, volume_size=args.size, warm_start=path, warm_start_sha256=sha))
+    return build_model(RunSettings(seed=seed, volume_size=args.size, warm_start=path, warm_start_sha256=sha)), sha
 
 
 def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Everything of one seed: federation, image encoder (pretraining or warm start), federated
     alignment, evaluation."""
     start = time.perf_counter()
-    warm = warm_start_model(seed, args) if args.encoder == "warm-start" else None
+    warm, warm_sha = warm_start_model(seed, args) if args.encoder == "warm-start" else (None, None)
     vocab, trains, tests = federation_splits(seed, args, workdir, list(warm.cfg.modalities) if warm else None)
     test_all, train_all = ConcatDataset(tests), ConcatDataset(trains)
     train_y = {t: np.concatenate([task_labels(s, t) for s in trains]) for t in TASKS}
@@ -183,6 +183,8 @@ def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], work
     out: dict[str, Any] = {"seed": seed, "n_train": len(train_y["lesion"]), "n_test": len(test_y["lesion"]),
                            "test_positive": {t: int(y.sum()) for t, y in test_y.items()},
                            "train_positive": {t: int(y.sum()) for t, y in train_y.items()}, "results": []}
+    if warm_sha:
+        out["warm_start_sha256"] = warm_sha
     stages = [("warm-start", 0)] if warm else [("random", 0), ("pretrained", args.pretrain_epochs)]
     for encoder_state, epochs in stages:
         if epochs:
