@@ -4,9 +4,14 @@ Per seed: write a synthetic federation (``--sites`` x ``--subjects``, ``--size``
 reports state the lesion finding and the brain volume (``report_brain_volume=True``);
 ``--held-out`` subjects of each site, drawn at random with the site's share of lesion-bearing
 patients (stratified), are the test patients, the rest the training patients.
-A PIRNet is pretrained (self-supervised, no labels, no DP) on the training patients pooled for
-``--pretrain-epochs``. Each site then computes the sufficient statistics of its anchors (each
-training patient's pooled X_h paired with the text embedding of its report;
+The image encoder (``--encoder``) is either a PIRNet pretrained here (``pretrain``: self-supervised,
+no labels, no DP, on the training patients pooled for ``--pretrain-epochs``), or the public warm
+start (``warm-start``: ``fedpir.simulation.warm_starts.cached_warm_start`` for the grid and the
+generator's full modality vocabulary, built once on the public synthetic corpus with PIR
+pretraining and a segmentation head trained on the corpus' own lesion masks; no site data, no site
+label; ``--warm-start FILE`` names another file). Each site then computes the sufficient statistics
+of its anchors (each training patient's embedding by ``--poolings``, ``fedpir.models.anchors.POOLINGS``:
+pooled X_h, or the warm start's lesion map as "lesion", paired with the text embedding of its report;
 ``fedpir.models.anchors.site_alignment_statistics``); their sum gives T in closed form
 (``fedpir.models.alignment``), checked against the fit on the pooled anchors. On the test
 patients, two binary tasks (``TASKS``) are predicted: ``lesion`` (present/absent; a small focal
@@ -19,8 +24,8 @@ finding) and ``volume`` (brain volume reduced/normal; a global one), each
 - probe: a supervised logistic regression on the same embeddings with the training labels.
 
 Every text encoder available is run on the same embeddings: all-MiniLM-L6-v2 when the extra
-``fedpir[text]`` is installed, and always the hashed n-gram fallback. The image encoder is also
-measured at its random initialisation (``encoder: "random"``), before pretraining. A control
+``fedpir[text]`` is installed, and always the hashed n-gram fallback. The ``pretrain`` encoder is
+also measured at its random initialisation (``encoder: "random"``), before pretraining. A control
 replaces the encoder by hand-made image features (``encoder: "intensity"``, ``pooling:
 "percentiles"``: per modality, the 50/90/95/99/99.9th percentiles of the normalized volume, zero for
 a missing modality): whether the image carries a finding that the pooled X_h does not.
@@ -29,7 +34,11 @@ Writes JSON (with the command) and a PNG beside it. The setting of docs/results/
 
     python benchmarks/zero_shot.py --seeds 0,1,2 --out docs/results/zero_shot.json
 
-(7.5 minutes on one CPU thread of a shared machine; results in docs/alignment.md.)
+(7.5 minutes on one CPU thread of a shared machine; results in docs/alignment.md), and of
+docs/results/zero_shot_warm_start.json:
+
+    python benchmarks/zero_shot.py --seeds 0,1,2 --encoder warm-start --poolings mean,max,lesion \
+        --out docs/results/zero_shot_warm_start.json
 """
 
 from __future__ import annotations
@@ -51,10 +60,13 @@ from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import load_site
 from fedpir.models.alignment import AlignmentStatistics, fit_alignment
 from fedpir.models.anchors import embed_dataset, site_alignment_statistics, site_anchors
-from fedpir.models.pir import PIRConfig, PIRNet
+from fedpir.models.pir import PIRConfig, PIRNet, build_model
 from fedpir.models.text import load_text_encoder, minilm_available
+from fedpir.models.warm_start import file_sha256
 from fedpir.models.zeroshot import LESION_PROMPTS, VOLUME_PROMPTS, class_embeddings, compare
 from fedpir.privacy.dp import DPConfig
+from fedpir.run_config import RunSettings
+from fedpir.simulation.warm_starts import cached_warm_start
 from fedpir.synthetic.federation import generate_federation
 from fedpir.synthetic.report_text import reported_volume_reduced
 
@@ -87,12 +99,14 @@ def split_site(labels: list[int | None], held_out: int, rng: np.random.Generator
     return [i for i in range(len(labels)) if i not in set(test)], test
 
 
-def federation_splits(seed: int, args: argparse.Namespace, workdir: Path) -> tuple[list[str], list[Subset], list[Subset]]:
-    """The seed's synthetic federation (reports state the brain volume) and, per site, its training
-    and held-out patients (stratified by lesion)."""
+def federation_splits(seed: int, args: argparse.Namespace, workdir: Path,
+                      vocab: list[str] | None = None) -> tuple[list[str], list[Subset], list[Subset]]:
+    """The seed's synthetic federation (reports state the brain volume), its modality vocabulary
+    (``vocab``, default the federation's own) and, per site, its training and held-out patients
+    (stratified by lesion)."""
     fed = generate_federation(workdir / f"fed-{seed}", n_sites=args.sites, subjects_per_site=args.subjects,
                               shape=(args.size,) * 3, seed=seed, report_brain_volume=True)
-    vocab = json.loads((fed / "federation.json").read_text())["modalities"]
+    vocab = vocab or json.loads((fed / "federation.json").read_text())["modalities"]
     trains, tests = [], []
     for k, site_dir in enumerate(sorted(p for p in fed.iterdir() if p.is_dir())):
         ds, _ = load_site(site_dir, vocab, (args.size,) * 3)
@@ -144,21 +158,34 @@ def compare_maps(federated: AlignmentStatistics, pooled: AlignmentStatistics, ar
     return results
 
 
+def warm_start_model(seed: int, args: argparse.Namespace) -> tuple[PIRNet, str]:
+    """The public warm start for ``--size`` and the default modality vocabulary (``--warm-start``, or
+    the cached one, built if absent), and its SHA-256."""
+    grid = RunSettings(seed=seed, volume_size=args.size)
+    path, sha = ((str(args.warm_start), file_sha256(args.warm_start)) if args.warm_start
+                 else cached_warm_start(grid, invariance_weight=1.0))
+    return build_model(RunSettings(seed=seed, volume_size=args.size, warm_start=path, warm_start_sha256=sha)), sha
+
+
 def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """Everything of one seed: federation, pretraining, federated alignment, evaluation."""
+    """Everything of one seed: federation, image encoder (pretraining or warm start), federated
+    alignment, evaluation."""
     start = time.perf_counter()
-    vocab, trains, tests = federation_splits(seed, args, workdir)
+    warm, warm_sha = warm_start_model(seed, args) if args.encoder == "warm-start" else (None, None)
+    vocab, trains, tests = federation_splits(seed, args, workdir, list(warm.cfg.modalities) if warm else None)
     test_all, train_all = ConcatDataset(tests), ConcatDataset(trains)
     train_y = {t: np.concatenate([task_labels(s, t) for s in trains]) for t in TASKS}
     test_y = {t: np.concatenate([task_labels(s, t) for s in tests]) for t in TASKS}
     synth_s = time.perf_counter() - start
 
     torch.manual_seed(seed)
-    model = PIRNet(PIRConfig(vocab, spatial_size=(args.size,) * 3))
+    model = warm or PIRNet(PIRConfig(vocab, spatial_size=(args.size,) * 3))
     out: dict[str, Any] = {"seed": seed, "n_train": len(train_y["lesion"]), "n_test": len(test_y["lesion"]),
                            "test_positive": {t: int(y.sum()) for t, y in test_y.items()},
                            "train_positive": {t: int(y.sum()) for t, y in train_y.items()}, "results": []}
-    stages = [("random", 0), ("pretrained", args.pretrain_epochs)]
+    if warm_sha:
+        out["warm_start_sha256"] = warm_sha
+    stages = [("warm-start", 0)] if warm else [("random", 0), ("pretrained", args.pretrain_epochs)]
     for encoder_state, epochs in stages:
         if epochs:
             t0 = time.perf_counter()
@@ -237,12 +264,12 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
                     ax.plot([x[j] + offset] * len(rows[m][metric]["per_seed"]), rows[m][metric]["per_seed"], "k.", ms=3)
             ax.axhline(0.5, color="grey", lw=0.6, ls="--")
             ax.set_xticks(x, methods, rotation=30)
-            source = f"X_h {pooling} pooling" if encoder == "pretrained" else "intensity percentiles (control)"
+            source = "intensity percentiles (control)" if encoder == "intensity" else f"{encoder} {pooling}"
             ax.set_title(f"{task}: {source}, text {text}", fontsize=9)
             ax.set_ylim(0, 1.05)
         axes[i][0].set_ylabel(f"{task} (held-out patients)")
     axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("Zero-shot through the federated map T vs naive stitching vs linear probe (pretrained PIR encoder; "
+    fig.suptitle("Zero-shot through the federated map T vs naive stitching vs linear probe (PIR encoder; "
                  "intensity control)",
                  fontsize=10)
     fig.tight_layout()
@@ -257,16 +284,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=24, help="subjects per site")
     parser.add_argument("--held-out", type=int, default=6, help="test subjects per site (the last ones)")
     parser.add_argument("--size", type=int, default=24, help="volume edge in voxels")
-    parser.add_argument("--pretrain-epochs", type=int, default=4)
+    parser.add_argument("--encoder", choices=("pretrain", "warm-start"), default="pretrain",
+                        help="pretrain a PIRNet here (self-supervised), or embed with the public warm start")
+    parser.add_argument("--warm-start", type=Path, default=None,
+                        help="with --encoder warm-start: this warm-start file instead of the cached public one")
+    parser.add_argument("--pretrain-epochs", type=int, default=4, help="with --encoder pretrain")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--poolings", default="mean,max", help="comma list of X_h poolings (fedpir.models.anchors.POOLINGS)")
+    parser.add_argument("--poolings", default="mean,max",
+                        help="comma list of embeddings (fedpir.models.anchors.POOLINGS; lesion needs a trained "
+                             "segmentation head: --encoder warm-start)")
     parser.add_argument("--ridge-alpha", type=float, default=1.0, help="ridge strength per anchor")
     parser.add_argument("--text", choices=("all", "minilm", "hashed"), default="all",
                         help="text encoders: all available (MiniLM if installed, and the hashed fallback), or one")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (a PNG is written beside it)")
     args = parser.parse_args(argv)
+    if args.warm_start and not args.warm_start.is_file():
+        parser.error(f"--warm-start {args.warm_start} is not a file; build one with `fedpir pretrain-public`")
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     encoders: dict[str, Any] = {}
@@ -301,4 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (ValueError, OSError) as err:  # e.g. a --warm-start file that is missing or does not fit
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

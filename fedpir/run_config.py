@@ -64,7 +64,7 @@ class RunSettings:
     transfer_dtype: str = "float32"  # how a site sends its shared weights: float32, float16, int8 (fedpir.transfer)
     align: bool = False  # after the last round, the alignment stage (fedpir.server.alignment; docs/alignment.md)
     align_method: str = "procrustes"  # the map T: procrustes, lstsq, ridge (fedpir.models.alignment)
-    align_pooling: str = "mean"  # X_h pooled into one vector per patient: mean, max, meanmax (fedpir.models.anchors)
+    align_pooling: str = "mean"  # a patient as one vector: X_h mean, max, meanmax; or lesion (fedpir.models.anchors)
     text_encoder: str = "auto"  # report embeddings: auto (MiniLM when installed), minilm, hashed (fedpir.models.text)
     secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the updates (fedpir.privacy.secure_aggregation)
     secagg_clipping_range: float = 1.0  # SecAgg+ clips each update value x num-examples / secagg-max-weight to +-this

@@ -72,3 +72,24 @@ def test_stitching_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert set(doc["summary"]["volume"]) == {"global", "naive", "stitched-procrustes", "stitched-ridge"}
     assert set(doc["summary"]["mismatch"]) == {"naive", "stitched-procrustes", "stitched-ridge"}
     assert doc["runs"][0]["metrics"]["volume"]["global"]["n"] == 6
+
+
+def test_benchmark_embeds_with_a_warm_start_and_its_lesion_map(tmp_path: Path) -> None:
+    from fedpir.client.pretrain_public_cli import build_warm_start
+    from fedpir.models.warm_start import file_sha256
+
+    warm = tmp_path / "warm.pt"
+    build_warm_start(warm, size=16, modalities="t1,t2,flair,pd", subjects=4, pretrain_epochs=1, segment_epochs=1,
+                     progress=False)
+    bench = _load_benchmark()
+    out = tmp_path / "zs.json"
+    argv = ["--seeds", "0", "--sites", "2", "--subjects", "6", "--held-out", "2", "--size", "16",
+            "--encoder", "warm-start", "--warm-start", str(warm), "--text", "hashed", "--poolings", "mean,lesion",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert "pretrain_seconds" not in run and run["warm_start_sha256"] == file_sha256(warm)
+    assert {(r["encoder"], r["pooling"]) for r in run["results"]} == {
+        ("warm-start", "mean"), ("warm-start", "lesion"), ("intensity", "percentiles")}
+    for result in run["results"]:
+        assert max(result["federated_vs_pooled_max_rel_diff"].values()) < 1e-6

@@ -49,9 +49,12 @@ def federation3(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                seed=2)
 
 
-def test_the_server_fits_T_on_all_sites_anchors_and_sites_send_only_sums(tmp_path: Path, federation3: Path) -> None:
+@pytest.mark.parametrize("pooling", ["mean", pytest.param("lesion", marks=pytest.mark.slow)])
+def test_the_server_fits_T_on_all_sites_anchors_and_sites_send_only_sums(tmp_path: Path, federation3: Path,
+                                                                        pooling: str) -> None:
     settings = RunSettings(federation_dir=str(federation3), run_dir=str(tmp_path / "run"), num_sites=3, volume_size=16,
-                           pretrain_rounds=0, finetune_rounds=1, batch_size=2, align=True, text_encoder="hashed")
+                           pretrain_rounds=0, finetune_rounds=1, batch_size=2, align=True, text_encoder="hashed",
+                           align_pooling=pooling)
     entries = run(settings, tmp_path)
     sent = {e["site"]: e["sent"] for e in entries if e["type"] == ALIGN_STATISTICS}
     assert sorted(sent) == [0, 1, 2]
@@ -64,6 +67,7 @@ def test_the_server_fits_T_on_all_sites_anchors_and_sites_send_only_sums(tmp_pat
         assert set(arrays) == STATISTICS and set(reply["arrays"]) == {"arrays"}
         dx, dy = arrays["alignment/sum_x"][0], arrays["alignment/sum_y"][0]
         assert arrays["alignment/xtx"] == [dx, dx] and arrays["alignment/xty"] == [dx, dy] and dy == encoder.dim
+        assert (dx == 2) == (pooling == "lesion")  # the lesion embedding: largest logit, mean probability
         assert set(reply["configs"]) == {"site", ALIGNMENT_RECORD}
         metrics = reply["metrics"]["metrics"]
         assert set(metrics) - {NUM_EXAMPLES_KEY} == {k for k in metrics if k.startswith("has-modality.")}
@@ -76,7 +80,7 @@ def test_the_server_fits_T_on_all_sites_anchors_and_sites_send_only_sums(tmp_pat
         # the pooled reference: the same site's model (global weights + its local layers) on its anchors
         site = Site(settings, federation3 / f"site-{k}", state, f"site-{k}")
         site.load_global(global_state)
-        z, t, _ = site_anchors(site.model, anchor_sessions(site), encoder)
+        z, t, _ = site_anchors(site.model, anchor_sessions(site), encoder, pooling=pooling)
         assert entry["anchors"] == len(z) == len(t)
         pooled_z.append(z)
         pooled_t.append(t)

@@ -123,3 +123,30 @@ def test_site_statistics_sum_to_the_pooled_anchors(small_federation: Path) -> No
     # the reports really are the anchors: an image row is paired with its own subject's report
     records = {r.subject_id: r.report for r in sites[1].dataset.records}
     np.testing.assert_allclose(anchors[1][1][0], enc.encode([records[anchors[1][2][0]]])[0])
+
+
+def test_lesion_embedding_is_the_segmentation_map_reduced(small_federation: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from fedpir.data.dataset import load_site
+    from fedpir.models.anchors import embed_dataset, pooled_embedding
+    from fedpir.models.losses import check_batch
+    from fedpir.models.pir import PIRConfig, PIRNet
+    from fedpir.run_config import RunSettings
+
+    torch.manual_seed(0)
+    vocab = ["t1", "t2", "flair", "pd"]
+    model = PIRNet(PIRConfig(vocab, spatial_size=(32, 32, 32), channels=(4, 8), prior_tokens=4, num_heads=2)).train()
+    site = Subset(load_site(small_federation / "site-0", vocab, (32, 32, 32))[0], range(3))
+    batch = next(iter(DataLoader(site, batch_size=3)))
+    z = pooled_embedding(model, batch, "lesion")
+    assert model.training and z.shape == (3, 2)
+    model.eval()
+    with torch.no_grad():
+        logits = model.segment(*model.represent(*check_batch(model, batch), with_skips=True))
+    torch.testing.assert_close(z[:, 0], logits.amax((1, 2, 3, 4)))
+    torch.testing.assert_close(z[:, 1], torch.sigmoid(logits).mean((1, 2, 3, 4)))
+    with torch.no_grad():  # the embedding follows the segmentation head's output layer
+        model.seg_head.out.bias += 2.0
+    np.testing.assert_allclose(embed_dataset(model, site, pooling="lesion")[0][:, 0], z[:, 0].numpy() + 2.0, rtol=1e-5)
+    assert RunSettings(align_pooling="lesion").align_pooling == "lesion"  # the federated stage accepts it

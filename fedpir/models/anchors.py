@@ -22,15 +22,19 @@ from fedpir.models.losses import check_batch
 from fedpir.models.pir import unwrap
 from fedpir.models.text import TextEncoder
 
-#: Spatial pooling of X_h into one vector: "mean" (``fedpir.models.evaluation.embed``), "max"
-#: (the largest response of each channel: a small focal finding is not averaged away), or
-#: "meanmax" (both, concatenated: [2C]).
-POOLINGS: tuple[str, ...] = ("mean", "max", "meanmax")
+#: How a patient becomes one vector: X_h pooled over space by "mean"
+#: (``fedpir.models.evaluation.embed``), "max" (the largest response of each channel: a small focal
+#: finding is not averaged away) or "meanmax" (both, concatenated: [2C]); or "lesion": what the
+#: segmentation head computes from X_h and the encoder skips, reduced to [2] = (the largest lesion
+#: logit, the mean lesion probability = the predicted lesion volume fraction). "lesion" is only
+#: meaningful for a model whose segmentation head was trained (the public warm start, a segment task).
+POOLINGS: tuple[str, ...] = ("mean", "max", "meanmax", "lesion")
 
 
 @torch.no_grad()
 def pooled_embedding(model: nn.Module, batch: dict[str, torch.Tensor], pooling: str = "mean") -> torch.Tensor:
-    """X_h of each patient (mean over its modalities), pooled over space by ``pooling`` -> [B, C or 2C]."""
+    """X_h of each patient (mean over its modalities), pooled over space by ``pooling`` -> [B, C or 2C];
+    or for "lesion" its segmentation map reduced to [B, 2] (:data:`POOLINGS`)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if pooling == "mean":
@@ -41,6 +45,9 @@ def pooled_embedding(model: nn.Module, batch: dict[str, torch.Tensor], pooling: 
     try:
         device = next(net.parameters()).device
         image, present = check_batch(net, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        if pooling == "lesion":
+            logits = net.segment(*net.represent(image, present, with_skips=True)).flatten(1)
+            return torch.stack([logits.amax(1), torch.sigmoid(logits).mean(1)], 1)
         x_h = net.represent(image, present)
     finally:
         net.train(was_training)
@@ -49,8 +56,7 @@ def pooled_embedding(model: nn.Module, batch: dict[str, torch.Tensor], pooling: 
 
 
 def embed_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 8, pooling: str = "mean") -> tuple[np.ndarray, list[str]]:
-    """Pooled X_h (mean over each patient's modalities, pooled over space by ``pooling``) of every
-    patient: ([n, C] or [n, 2C], subject ids)."""
+    """The embedding of every patient by ``pooling`` (:func:`pooled_embedding`): ([n, dims], subject ids)."""
     rows: list[torch.Tensor] = []
     subjects: list[str] = []
     for batch in DataLoader(dataset, batch_size=batch_size):
