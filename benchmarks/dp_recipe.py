@@ -29,13 +29,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from fedpir.client.pretrain_public_cli import RECIPE, build_warm_start
+from fedpir.client.pretrain_public_cli import RECIPE
 from fedpir.client.site import Site
+from fedpir.data.dataset import load_site
+from fedpir.models.evaluation import evaluate
+from fedpir.privacy.dp import collate_patients
 from fedpir.protocol import STAGES
 from fedpir.run_config import RunSettings
-from fedpir.synthetic.federation import generate_federation
+from fedpir.simulation.cross_modal import site_cross_modal
+from fedpir.simulation.prepare import synthetic_federation
+from fedpir.simulation.warm_starts import cached_warm_start
+from fedpir.synthetic.federation import EVAL_DIR
 
 #: Configurations: overrides of the default RunSettings ("warm": start from the public warm start).
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -64,6 +72,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "warm-light-e3-lr3": {"warm": True, "pretrain_rounds": 0, "finetune_rounds": 5, "local_epochs": 3,
                           "finetune_trainable": "norms,adapters,task_head", "lr": 3e-3},
 }
+#: The sweep on the current default federation (sites of 6, 9, 12 and 21 patients, evaluation sets in
+#: every modality): each recipe under fedpir's key policy, local-only and FedAvg of the same groups.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "lr1e-2": {"lr": 1e-2},
+    "fusion-lr3e-3": {"lr": 3e-3, "finetune_trainable": "norms,adapters,fusion,task_out"},
+    "all-e5-lr3e-3": {"lr": 3e-3, "local_epochs": 5, "finetune_trainable": "all"},
+    "all-e5-lr3e-3-nodp": {"lr": 3e-3, "local_epochs": 5, "finetune_trainable": "all", "dp": False},
+}
+for _recipe, _overrides in RECIPES.items():
+    CONFIGS[f"v2-{_recipe}"] = {"warm": True, **_overrides}
+    for _policy in ("local", "fedavg"):
+        CONFIGS[f"v2-{_recipe}-{_policy}"] = {"warm": True, "key_policy": _policy, **_overrides}
+    CONFIGS[f"v2-{_recipe}-noinv"] = {"warm": "noinv", "invariance_weight": 0.0, **_overrides}
 
 
 def federated_run(settings: RunSettings, work: Path) -> dict[str, Any]:
@@ -94,22 +116,44 @@ def federated_run(settings: RunSettings, work: Path) -> dict[str, Any]:
                            "loss": [t["loss_total"] for t in train]})
     last = rounds[-1]
     finite = [d for d in last["dice"] if d == d]
-    return {"dice": sum(finite) / max(len(finite), 1), "rounds": rounds, "seconds": time.perf_counter() - start}
+    return {"dice": sum(finite) / max(len(finite), 1), "rounds": rounds, "seconds": time.perf_counter() - start,
+            **evaluation_set_scores(settings, sites)}
 
 
-def run_one(job: tuple[str, int, str, str, str, int]) -> dict[str, Any]:
-    """One (configuration, seed) in its own process."""
-    name, seed, fed_dir, warm, warm_sha, threads = job
+def evaluation_set_scores(settings: RunSettings, sites: list[Site]) -> dict[str, Any]:
+    """Each site's final model on its evaluation set (more patients than its held-out split): Dice
+    with the site's own modalities as input ("eval_dice"), and with each single modality, split
+    into modalities the site trains on ("seen") and the others ("unseen"). Empty without eval sets."""
+    root = settings.federation_path / EVAL_DIR
+    if not root.is_dir():
+        return {}
+    own, seen, unseen = [], [], []
+    for site in sites:
+        loader = DataLoader(load_site(root / site.name, settings.vocabulary, (settings.volume_size,) * 3)[0],
+                            batch_size=4, collate_fn=collate_patients)
+        model = site.model.eval()
+        with torch.no_grad():
+            own.append(float(evaluate(model, loader, modalities=site.modalities)["dice"]))
+        for modality, dice in site_cross_modal(model, loader, settings.vocabulary).items():
+            (seen if modality in site.modalities else unseen).append(dice)
+    return {"eval_dice_sites": own, "eval_dice": float(np.nanmean(own)), "seen": float(np.nanmean(seen)),
+            "unseen": float(np.nanmean(unseen))}
+
+
+def run_one(job: tuple[str, int, str, dict[str, tuple[str, str]], int]) -> dict[str, Any]:
+    """One (configuration, seed) in its own process; ``warm`` maps "warm"/"noinv" to (file, SHA-256)."""
+    name, seed, fed_dir, warm, threads = job
     torch.set_num_threads(threads)
     overrides = dict(CONFIGS[name])
     use_warm = overrides.pop("warm")
     settings = replace(RunSettings(seed=seed, federation_dir=fed_dir, run_dir=fed_dir), **overrides)
     if use_warm:
-        settings = replace(settings, warm_start=warm, warm_start_sha256=warm_sha)
+        path, sha = warm["noinv" if use_warm == "noinv" else "warm"]
+        settings = replace(settings, warm_start=path, warm_start_sha256=sha)
     with tempfile.TemporaryDirectory(prefix=f"fedpir-{name}-") as tmp:
         result = federated_run(settings, Path(tmp))
-    print(json.dumps({"config": name, "seed": seed, "dice": result["dice"], "seconds": round(result["seconds"])}),
-          file=sys.stderr, flush=True)
+    print(json.dumps({"config": name, "seed": seed, "dice": result["dice"], "eval_dice": result.get("eval_dice"),
+                      "unseen": result.get("unseen"), "seconds": round(result["seconds"])}), file=sys.stderr, flush=True)
     return {"config": name, "seed": seed, **result}
 
 
@@ -121,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs --out already holds (same warm start) and run only the missing ones")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = sorted(set(configs) - set(CONFIGS))
@@ -129,16 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     d = RunSettings()
+    warm = {"warm": cached_warm_start(d, 1.0)}
+    if any(CONFIGS[c]["warm"] == "noinv" for c in configs):
+        warm["noinv"] = cached_warm_start(d, 0.0)
+    sha = warm["warm"][1]
+    try:
+        results = kept_runs(args.out, sha, configs, seeds) if args.resume else []
+    except ValueError as err:
+        parser.error(str(err))
+    done = {(r["config"], r["seed"]) for r in results}
     with tempfile.TemporaryDirectory(prefix="fedpir-recipe-") as tmp:
-        warm = Path(tmp) / "warm.pt"
-        sha = build_warm_start(warm, size=d.volume_size, modalities=d.modalities, device=args.device, progress=False,
-                               **RECIPE)  # type: ignore[arg-type]
         jobs = []
         for seed in seeds:
-            fed = generate_federation(Path(tmp) / f"fed-{seed}", n_sites=d.num_sites, subjects_per_site=d.subjects_per_site,
-                                      shape=(d.volume_size,) * 3, seed=seed)
-            jobs += [(c, seed, str(fed), str(warm), sha, threads) for c in configs]
-        results: list[dict[str, Any]] = []
+            todo = [c for c in configs if (c, seed) not in done]
+            if todo:
+                fed = synthetic_federation(replace(d, seed=seed, federation_dir=str(Path(tmp) / f"fed-{seed}")))
+                jobs += [(c, seed, str(fed), warm, threads) for c in todo]
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for result in pool.map(run_one, jobs):
                 results.append(result)
@@ -147,17 +199,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def kept_runs(out: Path | None, sha: str, configs: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """The runs of an earlier ``out`` that this sweep asks for, if it used the same warm start."""
+    if out is None or not out.is_file():
+        return []
+    earlier = json.loads(out.read_text())
+    if earlier.get("warm_start_sha256") != sha:
+        raise ValueError(f"{out} was made from another warm start; remove it or drop --resume")
+    return [r for r in earlier["runs"] if r["config"] in configs and r["seed"] in seeds]
+
+
 def write(args: argparse.Namespace, sha: str, configs: list[str], results: list[dict[str, Any]],
           argv: list[str] | None) -> dict[str, Any]:
     """Summarise the results so far (mean and sd of the final Dice over seeds) and write --out."""
     summary = {}
     for c in configs:
-        values = [r["dice"] for r in results if r["config"] == c]
-        if not values:
+        runs = [r for r in results if r["config"] == c]
+        if not runs:
             continue
-        mean = sum(values) / len(values)
-        sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-        summary[c] = {"dice_mean": mean, "dice_sd": sd, "seeds": len(values), **CONFIGS[c]}
+        summary[c] = {"seeds": len(runs), **CONFIGS[c]}
+        for key in ("dice", "eval_dice", "seen", "unseen"):
+            values = np.array([r[key] for r in runs if key in r], dtype=float)
+            if values.size:
+                summary[c] |= {f"{key}_mean": float(np.nanmean(values)),
+                               f"{key}_sd": float(np.nanstd(values, ddof=1)) if values.size > 1 else 0.0}
     out = {"command": shlex.join(["python", "benchmarks/dp_recipe.py", *(sys.argv[1:] if argv is None else argv)]),
            "defaults": RunSettings().to_run_config(), "warm_start_recipe": RECIPE, "warm_start_sha256": sha,
            "device": args.device, "summary": summary, "runs": results}

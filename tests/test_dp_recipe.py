@@ -146,3 +146,16 @@ def test_a_file_that_is_no_warm_start_is_refused_clearly(tmp_path: Path) -> None
     torch.save({"state_dict": {"x": torch.zeros(1)}, "meta": {}}, other)
     with pytest.raises(WarmStartError, match="does not fit this model"):
         load_warm_start(build_model(RunSettings()), other, file_sha256(other))
+
+
+def test_recipe_sweep_resumes_only_from_the_same_warm_start(tmp_path: Path) -> None:
+    from benchmarks.dp_recipe import kept_runs
+
+    out = tmp_path / "sweep.json"
+    runs = [{"config": "v2-default", "seed": 0, "dice": 0.7}, {"config": "v2-default", "seed": 1, "dice": 0.6},
+            {"config": "v2-default-local", "seed": 0, "dice": 0.5}]
+    out.write_text(json.dumps({"warm_start_sha256": "abc", "runs": runs}))
+    assert kept_runs(out, "abc", ["v2-default"], [0, 2]) == runs[:1]  # only the asked configurations and seeds
+    assert kept_runs(tmp_path / "none.json", "abc", ["v2-default"], [0]) == []
+    with pytest.raises(ValueError, match="another warm start"):
+        kept_runs(out, "def", ["v2-default"], [0])
