@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedpir.privacy.secure_aggregation import SECURE_STRATEGIES
 from fedpir.transfer import check_transfer_dtype
 
 #: Which state-dict keys a site sends to the server (the baselines differ from fedpir here; "local" sends
 #: nothing). The keys of each policy are declared on the model: PIRNet.federated_keys.
 KEY_POLICIES: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper", "local")
+#: Strategies whose aggregation is the weighted mean that SecAgg+ computes (the others need the
+#: individual updates: median, trimmed mean, the modality-aware mean, server optimizers).
+SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 #: Where a run that names no run folder writes, in a folder of its own (``run-<Flower run id>``).
 RUNS_ROOT = Path.home() / ".fedpir" / "runs"
 #: Settings that do not change what a run computes, so a resumed run may differ in them.

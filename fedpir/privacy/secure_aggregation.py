@@ -22,9 +22,6 @@ from collections.abc import Iterable, Sequence
 #: (2**32): the sum of up to 2**10 sites cannot wrap around.
 QUANTIZATION_RANGE = 1 << 22
 MODULUS_RANGE = 1 << 32
-#: Strategies whose aggregation is the weighted mean that SecAgg+ computes (the others need the
-#: individual updates: median, trimmed mean, the modality-aware mean, server optimizers).
-SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 #: Which DP guarantee a private round's ledger entry states (field ``guarantee``).
 LOCAL_DP, DISTRIBUTED_DP = "local-dp", "distributed-dp-under-secagg"
 
