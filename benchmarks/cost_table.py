@@ -141,8 +141,8 @@ def table(records: Iterable[dict[str, Any]]) -> str:
     runs = ", ".join(sorted({r["run"] or "single" for r in shown}))
     lines = [f"Measured by `python -m benchmarks` (runs {runs}) on "
              f"{m['cores']} cores, {m['torch_threads']} torch thread(s), device {m['device']}, load average "
-             f"{m['load_average'][0]:.1f} at the first benchmark: other jobs shared the machine, so absolute times are "
-             "noisy; the ratios, each measured within one run, are what count.", ""]
+             f"{m['load_average'][0]:.1f} at the first benchmark (on a shared machine absolute times are noisy; the "
+             "ratios, each measured within one run, are what count).", ""]
     for name, section in SECTIONS.items():
         for record in latest.get(name, []):
             lines += [*section(record), ""]
