@@ -10,6 +10,11 @@ forecast and the time.
 
     python benchmarks/dp_recipe.py --seeds 0,1,2 --out docs/results/dp_recipe.json
 
+The ``v2-*`` configurations (``RECIPES``: each recipe under fedpir's key policy, local-only, FedAvg
+and fedpir-noinv) also score every site on its evaluation set (own modalities, and one modality at
+a time); their command is in docs/results/dp_recipe_v2/COMMANDS.md. ``--resume`` keeps the runs
+--out already holds.
+
 Prints one JSON object (and writes it to --out); ``--configs`` picks configurations by name.
 """
 
@@ -140,13 +145,15 @@ def evaluation_set_scores(settings: RunSettings, sites: list[Site]) -> dict[str,
             "unseen": float(np.nanmean(unseen))}
 
 
-def run_one(job: tuple[str, int, str, dict[str, tuple[str, str]], int]) -> dict[str, Any]:
-    """One (configuration, seed) in its own process; ``warm`` maps "warm"/"noinv" to (file, SHA-256)."""
-    name, seed, fed_dir, warm, threads = job
+def run_one(job: tuple[str, RunSettings, dict[str, tuple[str, str]], int]) -> dict[str, Any]:
+    """One configuration on ``base`` (seed, federation, device) in its own process; ``warm`` maps
+    "warm"/"noinv" to (file, SHA-256)."""
+    name, base, warm, threads = job
+    seed = base.seed
     torch.set_num_threads(threads)
     overrides = dict(CONFIGS[name])
     use_warm = overrides.pop("warm")
-    settings = replace(RunSettings(seed=seed, federation_dir=fed_dir, run_dir=fed_dir), **overrides)
+    settings = replace(base, **overrides)
     if use_warm:
         path, sha = warm["noinv" if use_warm == "noinv" else "warm"]
         settings = replace(settings, warm_start=path, warm_start_sha256=sha)
@@ -174,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-    d = RunSettings()
+    d = RunSettings(device=args.device)
     warm = {"warm": cached_warm_start(d, 1.0)}
     if any(CONFIGS[c]["warm"] == "noinv" for c in configs):
         warm["noinv"] = cached_warm_start(d, 0.0)
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             todo = [c for c in configs if (c, seed) not in done]
             if todo:
                 fed = synthetic_federation(replace(d, seed=seed, federation_dir=str(Path(tmp) / f"fed-{seed}")))
-                jobs += [(c, seed, str(fed), warm, threads) for c in todo]
+                base = replace(d, seed=seed, federation_dir=str(fed), run_dir=str(fed))
+                jobs += [(c, base, warm, threads) for c in todo]
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for result in pool.map(run_one, jobs):
                 results.append(result)
