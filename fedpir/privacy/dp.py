@@ -47,6 +47,10 @@ warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", 
 # log(1 - q) = log(0) = -inf, which numpy reports and which is used correctly as the bound of its domain.
 warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning,
                         module=r"opacus\.accountants\.analysis\.prv")
+# Opacus' functorch per-sample gradients enter torch.amp.autocast with the model's dtype (float32);
+# on CPU torch supports only bfloat16/float16 autocast, so it warns and disables autocast: the
+# gradients are computed in float32, as without autocast.
+warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported", category=UserWarning)
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: How Opacus computes per-patient gradients (``make_private(grad_sample_mode=...)``): "hooks" (per-layer
