@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
+#: The repository; paths inside it are recorded relative to it (a record names no machine's folders).
+ROOT = Path(__file__).resolve().parents[1]
 #: Where records are appended unless ``--results`` says otherwise ('' writes none).
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "benchmarks.jsonl"
+RESULTS = ROOT / "docs" / "results" / "benchmarks.jsonl"
 #: Shared by every record of one ``python -m benchmarks`` run (set by benchmarks/__main__.py).
 RUN_ID_ENV = "FEDPIR_BENCHMARK_RUN"
 
@@ -50,7 +52,8 @@ def machine(device: str) -> dict[str, Any]:
 
 def emit(name: str, argv: Sequence[str] | None, args: argparse.Namespace, config: dict[str, Any],
          figures: dict[str, Any]) -> dict[str, Any]:
-    """Print the benchmark's record (one JSON object) and append it to ``args.results``."""
+    """Print the benchmark's record (one JSON object, paths inside the repository relative to it) and
+    append it to ``args.results``."""
     record = {
         "benchmark": name,
         "run": os.environ.get(RUN_ID_ENV, ""),
@@ -60,7 +63,7 @@ def emit(name: str, argv: Sequence[str] | None, args: argparse.Namespace, config
         "machine": machine(args.device),
         "figures": figures,
     }
-    line = json.dumps(record, default=float)
+    line = json.dumps(record, default=float).replace(f"{ROOT}/", "")
     print(line, flush=True)
     if args.results:
         path = Path(args.results)

@@ -126,3 +126,14 @@ def test_scale_on_the_simulation_engine(results: Path, tmp_path: Path) -> None:
     f = run(scale, results, "--sites", "2,5", "--subjects", "3", "--distinct", "2", "--plot", str(tmp_path / "s.png"))["figures"]
     assert f["largest_completed"] == 5 and [r["train_replies"] for r in f["rows"]] == [4, 10]
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_records_name_paths_inside_the_repository_relative_to_it(capsys: pytest.CaptureFixture) -> None:
+    from argparse import Namespace
+
+    from benchmarks.common import ROOT, emit
+
+    argv = ["--results", "", "--plot", str(ROOT / "docs" / "results" / "x.png")]
+    emit("probe", argv, Namespace(device="cpu", results=""), {}, {"plot": str(ROOT / "docs" / "x.png")})
+    line = capsys.readouterr().out
+    assert str(ROOT) not in line and "docs/results/x.png" in line and '"plot": "docs/x.png"' in line
