@@ -50,7 +50,9 @@ from fedpir.simulation.prepare import synthetic_federation
 from fedpir.simulation.warm_starts import cached_warm_start
 from fedpir.synthetic.federation import EVAL_DIR
 
-#: Configurations: overrides of the default RunSettings ("warm": start from the public warm start).
+#: Configurations: overrides of the default RunSettings ("warm": start from the public warm start,
+#: "noinv": from the one pretrained without the invariance term; "public_masks": the input modalities
+#: of the warm start's segmentation epochs, default all).
 CONFIGS: dict[str, dict[str, Any]] = {
     "default-scratch": {"warm": False},
     "default-warm": {"warm": True},
@@ -91,6 +93,15 @@ for _recipe, _overrides in RECIPES.items():
     for _policy in ("local", "fedavg"):
         CONFIGS[f"v2-{_recipe}-{_policy}"] = {"warm": True, "key_policy": _policy, **_overrides}
     CONFIGS[f"v2-{_recipe}-noinv"] = {"warm": "noinv", "invariance_weight": 0.0, **_overrides}
+#: The default recipe from warm starts whose public lesion masks came with FLAIR only (the invariant
+#: encoder must carry the segmentation to the other modalities): fedpir and fedpir-noinv.
+CONFIGS["v3-flair-masks"] = {"warm": True, "public_masks": "flair"}
+CONFIGS["v3-flair-masks-noinv"] = {"warm": "noinv", "public_masks": "flair", "invariance_weight": 0.0}
+
+
+def warm_key(kind: bool | str, public_masks: str) -> str:
+    """Which warm start a configuration starts from (see CONFIGS)."""
+    return f"{'noinv' if kind == 'noinv' else 'warm'}:{public_masks}"
 
 
 def federated_run(settings: RunSettings, work: Path) -> dict[str, Any]:
@@ -152,16 +163,16 @@ def run_one(job: tuple[str, RunSettings, dict[str, tuple[str, str]], int]) -> di
     seed = base.seed
     torch.set_num_threads(threads)
     overrides = dict(CONFIGS[name])
-    use_warm = overrides.pop("warm")
+    use_warm, public_masks = overrides.pop("warm"), overrides.pop("public_masks", "all")
     settings = replace(base, **overrides)
     if use_warm:
-        path, sha = warm["noinv" if use_warm == "noinv" else "warm"]
+        path, sha = warm[warm_key(use_warm, public_masks)]
         settings = replace(settings, warm_start=path, warm_start_sha256=sha)
     with tempfile.TemporaryDirectory(prefix=f"fedpir-{name}-") as tmp:
         result = federated_run(settings, Path(tmp))
     print(json.dumps({"config": name, "seed": seed, "dice": result["dice"], "eval_dice": result.get("eval_dice"),
                       "unseen": result.get("unseen"), "seconds": round(result["seconds"])}), file=sys.stderr, flush=True)
-    return {"config": name, "seed": seed, **result}
+    return {"config": name, "seed": seed, "warm_start_sha256": settings.warm_start_sha256, **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     d = RunSettings(device=args.device)
-    warm = {"warm": cached_warm_start(d, 1.0)}
-    if any(CONFIGS[c]["warm"] == "noinv" for c in configs):
-        warm["noinv"] = cached_warm_start(d, 0.0)
-    sha = warm["warm"][1]
+    sha = cached_warm_start(d, 1.0)[1]
+    needed = {(CONFIGS[c]["warm"], CONFIGS[c].get("public_masks", "all")) for c in configs if CONFIGS[c]["warm"]}
+    warm = {warm_key(kind, masks): cached_warm_start(d, 0.0 if kind == "noinv" else 1.0, segment_modalities=masks)
+            for kind, masks in needed}
     try:
         results = kept_runs(args.out, sha, configs, seeds) if args.resume else []
     except ValueError as err:

@@ -159,3 +159,29 @@ def test_recipe_sweep_resumes_only_from_the_same_warm_start(tmp_path: Path) -> N
     assert kept_runs(tmp_path / "none.json", "abc", ["v2-default"], [0]) == []
     with pytest.raises(ValueError, match="another warm start"):
         kept_runs(out, "def", ["v2-default"], [0])
+
+
+def test_public_masks_of_one_modality_train_the_segmentation_on_it_alone(small_federation: Path, tmp_path: Path) -> None:
+    """``--segment-modalities flair``: the segmentation epochs see FLAIR only (the other modalities'
+    input calibration does not move), and the file says how it was made."""
+    from fedpir.client.pretrain_public_cli import build_warm_start
+    from fedpir.models.warm_start import read_warm_start
+
+    vocab = json.loads((small_federation / "federation.json").read_text())["modalities"]
+    dataset, _ = load_site(small_federation / "site-3", vocab, SIZE)
+    only = dataset.with_only(["flair"])
+    item = only[0]
+    assert item["present"].tolist() == [m == "flair" for m in vocab]
+    assert item["image"][[i for i, m in enumerate(vocab) if m != "flair"]].abs().sum() == 0
+    with pytest.raises(ValueError, match="subset of"):
+        dataset.with_only(["ct"])
+    path = tmp_path / "warm.pt"
+    sha = build_warm_start(path, size=16, modalities=",".join(vocab), corpus=small_federation / "site-3",
+                           pretrain_epochs=0, segment_epochs=1, segment_modalities="flair", device="cpu",
+                           progress=False)
+    content = read_warm_start(path, sha)
+    assert content["meta"]["segment_modalities"] == "flair"
+    start = build_model(RunSettings(volume_size=16, modalities=",".join(vocab))).state_dict()
+    calibration = content["state_dict"]["adapters.calibration.weight"]
+    moved = [m for i, m in enumerate(vocab) if not torch.equal(calibration[i], start["adapters.calibration.weight"][i])]
+    assert moved == ["flair"]

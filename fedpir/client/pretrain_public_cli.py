@@ -4,8 +4,11 @@ The offline default corpus is synthetic (:func:`fedpir.synthetic.federation.gene
 every modality of each public patient comes from a scanner of its own (randomized protocols, noise,
 bias, resolution), with anatomy and noise streams disjoint from every site's. ``--corpus DIR`` uses
 any folder of public NIfTI that `fedpir validate` reads instead. The model is pretrained with the
-PIR losses, then its segmentation head is trained on the corpus' lesion masks (public labels); the
-file is what a run names as ``warm-start`` with its ``warm-start-sha256``.
+PIR losses, then its segmentation head is trained on the corpus' lesion masks (public labels), by
+default with every modality as input; ``--segment-modalities flair`` trains it on FLAIR alone, as
+with public lesion masks that come with few modalities (then the invariant encoder is what carries
+the segmentation to the other modalities). The file is what a run names as ``warm-start`` with its
+``warm-start-sha256``.
 
 Example::
 
@@ -31,8 +34,8 @@ from fedpir.run_config import RunSettings
 
 HELP = "build a warm-start file on public data (synthetic by default), with its SHA-256"
 #: How a warm start is made by default (the flags of the same names; `fedpir simulate` uses these).
-RECIPE: dict[str, int | float] = {"subjects": 32, "pretrain_epochs": 4, "segment_epochs": 8, "lr": 2e-3,
-                                  "batch_size": 4}
+RECIPE: dict[str, int | float | str] = {"subjects": 32, "pretrain_epochs": 4, "segment_epochs": 8, "lr": 2e-3,
+                                        "batch_size": 4, "segment_modalities": "all"}
 #: Bumped whenever the generator or the losses change what a recipe builds (cached warm starts are keyed by it).
 RECIPE_VERSION = 2
 
@@ -48,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=RECIPE["pretrain_epochs"])
     parser.add_argument("--segment-epochs", type=int, default=RECIPE["segment_epochs"],
                         help="epochs on the public lesion masks (0: none)")
+    parser.add_argument("--segment-modalities", default=RECIPE["segment_modalities"],
+                        help="input modalities of those epochs: all, or a comma list (e.g. flair)")
     parser.add_argument("--invariance-weight", type=float, default=1.0, help="0 for the fedpir-noinv ablation")
     parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
@@ -59,9 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_warm_start(
     out: Path, *, size: int, modalities: str, subjects: int = 48, pretrain_epochs: int = 8, segment_epochs: int = 8,
     invariance_weight: float = 1.0, batch_size: int = 4, lr: float = 2e-3, seed: int = 0, device: str = "auto",
-    corpus: Path | None = None, progress: bool = True, command: str = "",
+    corpus: Path | None = None, segment_modalities: str = "all", progress: bool = True, command: str = "",
 ) -> str:
-    """Pretrain on the public corpus, write ``out`` and return its SHA-256."""
+    """Pretrain on the public corpus, write ``out`` and return its SHA-256; the segmentation epochs
+    see only ``segment_modalities`` ("all" or a comma list)."""
     settings = RunSettings(seed=seed, volume_size=size, modalities=modalities, batch_size=batch_size, lr=lr,
                            dp=False, invariance_weight=invariance_weight, device=device)
     with tempfile.TemporaryDirectory(prefix="fedpir-public-") as tmp:
@@ -71,24 +77,31 @@ def build_warm_start(
             corpus = generate_public_corpus(Path(tmp) / "corpus", subjects=subjects, shape=(size,) * 3, seed=seed,
                                             progress=progress)
         dataset, report = load_site(corpus, settings.vocabulary, (size,) * 3)
-    if len(dataset) == 0:
-        raise ValueError(f"public corpus {corpus}: no usable subject ({report.summary()})")
+        if len(dataset) == 0:
+            raise ValueError(f"public corpus {corpus}: no usable subject ({report.summary()})")
+        seg_set = dataset if segment_modalities == "all" else dataset.with_only(
+            [m.strip() for m in segment_modalities.split(",") if m.strip()])
+    if len(seg_set) == 0:
+        raise ValueError(f"public corpus {corpus}: no subject has any of --segment-modalities {segment_modalities}")
     model = build_model(settings)
-    trainer = LocalTrainer.for_run(settings, model, dataset, state_dir=None, seed=seed, name="public")
+    trainers = {"pretrain": LocalTrainer.for_run(settings, model, dataset, state_dir=None, seed=seed, name="public")}
+    trainers["segmentation"] = trainers["pretrain"] if seg_set is dataset else LocalTrainer.for_run(
+        settings, model, seg_set, state_dir=None, seed=seed, name="public")
     history: list[dict[str, Any]] = []
-    has_masks = any(bool(dataset[i]["has_mask"]) for i in range(len(dataset)))
+    has_masks = any(bool(seg_set[i]["has_mask"]) for i in range(len(seg_set)))
     plan = [("pretrain", pretrain_epochs)] + ([("segmentation", segment_epochs)] if has_masks else [])
     bar = tqdm(total=sum(e for _, e in plan), desc="warm start", unit="epoch", disable=not progress)
     for objective, epochs in plan:
         for _ in range(epochs):
-            metrics = trainer.train_round(objective, 1, progress=False)
+            metrics = trainers[objective].train_round(objective, 1, progress=False)
             history.append({"objective": objective, "loss": metrics["loss_total"]})
             bar.set_postfix(objective=objective, loss=f"{metrics['loss_total']:.3f}")
             bar.update()
     bar.close()
     meta = {"command": command, "corpus": str(corpus) if corpus else "synthetic", "subjects": len(dataset),
             "settings": settings.to_run_config(), "pretrain_epochs": pretrain_epochs,
-            "segment_epochs": segment_epochs if has_masks else 0, "history": history}
+            "segment_epochs": segment_epochs if has_masks else 0, "segment_modalities": segment_modalities,
+            "history": history}
     return save_warm_start(model.cpu(), out, meta)
 
 
@@ -101,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         args.out, size=args.size, modalities=args.modalities, subjects=args.subjects,
         pretrain_epochs=args.pretrain_epochs, segment_epochs=args.segment_epochs,
         invariance_weight=args.invariance_weight, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, corpus=args.corpus, progress=not args.no_progress,
+        device=args.device, corpus=args.corpus, segment_modalities=args.segment_modalities,
+        progress=not args.no_progress,
         command=shlex.join(["fedpir", "pretrain-public", *sys.argv[2:]]),
     )
     print(f"wrote {args.out}\nsha256 {sha}\nrun config: warm-start=\"{args.out.resolve()}\" warm-start-sha256=\"{sha}\"")

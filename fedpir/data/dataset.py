@@ -9,6 +9,7 @@ the subject lacks a modality), ``present`` bool [M], ``mask`` float32 [1, D, H, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,15 @@ class SiteDataset(TorchDataset):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def with_only(self, keep: Sequence[str], cache: bool = True) -> SiteDataset:
+        """The subjects that have one of the modalities ``keep``, with only those loaded (public
+        lesion masks often come with few modalities); the files must still be readable."""
+        unknown = sorted(set(keep) - set(self.modalities))
+        if not keep or unknown:
+            raise ValueError(f"modalities {list(keep)} must be a non-empty subset of {self.modalities}")
+        records = [replace(rec, images={m: p for m, p in rec.images.items() if m in keep}) for rec in self.records]
+        return SiteDataset([rec for rec in records if rec.images], self.modalities, self.spatial_size, cache)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         loaded = self._data[index]
