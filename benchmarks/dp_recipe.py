@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--public-seed-per-run", action="store_true",
+                        help="build each seed's warm starts from a public corpus of that seed (default: seed 0 "
+                             "for all), so that the seeds also sample the warm start")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs --out already holds (same warm start) and run only the missing ones")
     args = parser.parse_args(argv)
@@ -195,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     d = RunSettings(device=args.device)
     sha = cached_warm_start(d, 1.0)[1]
     needed = {(CONFIGS[c]["warm"], CONFIGS[c].get("public_masks", "all")) for c in configs if CONFIGS[c]["warm"]}
-    warm = {warm_key(kind, masks): cached_warm_start(d, 0.0 if kind == "noinv" else 1.0, segment_modalities=masks)
-            for kind, masks in needed}
+
+    def warm_starts(public_seed: int) -> dict[str, tuple[str, str]]:
+        return {warm_key(kind, masks): cached_warm_start(d, 0.0 if kind == "noinv" else 1.0, segment_modalities=masks,
+                                                         public_seed=public_seed) for kind, masks in needed}
+
     try:
         results = kept_runs(args.out, sha, configs, seeds) if args.resume else []
     except ValueError as err:
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             if todo:
                 fed = synthetic_federation(replace(d, seed=seed, federation_dir=str(Path(tmp) / f"fed-{seed}")))
                 base = replace(d, seed=seed, federation_dir=str(fed), run_dir=str(fed))
+                warm = warm_starts(seed if args.public_seed_per_run else 0)
                 jobs += [(c, base, warm, threads) for c in todo]
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for result in pool.map(run_one, jobs):
@@ -244,7 +251,7 @@ def write(args: argparse.Namespace, sha: str, configs: list[str], results: list[
                                f"{key}_sd": float(np.nanstd(values, ddof=1)) if values.size > 1 else 0.0}
     out = {"command": shlex.join(["python", "benchmarks/dp_recipe.py", *(sys.argv[1:] if argv is None else argv)]),
            "defaults": RunSettings().to_run_config(), "warm_start_recipe": RECIPE, "warm_start_sha256": sha,
-           "device": args.device, "summary": summary, "runs": results}
+           "device": args.device, "public_seed_per_run": args.public_seed_per_run, "summary": summary, "runs": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1, default=float) + "\n")

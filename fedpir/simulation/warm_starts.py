@@ -19,11 +19,14 @@ CACHE = Path.home() / ".fedpir" / "warm-starts"
 
 
 def cached_warm_start(settings: RunSettings, invariance_weight: float, cache: Path = CACHE,
-                      segment_modalities: str = str(RECIPE["segment_modalities"])) -> tuple[str, str]:
+                      segment_modalities: str = str(RECIPE["segment_modalities"]), public_seed: int = 0,
+                      ) -> tuple[str, str]:
     """(path, SHA-256) of the warm start for the run's grid and vocabulary, built if not cached
-    (``segment_modalities``: the inputs of its segmentation epochs, see ``fedpir pretrain-public``)."""
+    (``segment_modalities``: the inputs of its segmentation epochs, see ``fedpir pretrain-public``;
+    ``public_seed``: the seed of the public corpus and of its training)."""
     recipe = {**RECIPE, "size": settings.volume_size, "modalities": settings.modalities,
-              "invariance_weight": invariance_weight, "seed": 0, "segment_modalities": segment_modalities}
+              "invariance_weight": invariance_weight, "seed": public_seed,
+              "segment_modalities": segment_modalities}
     key_fields = {**recipe, "version": RECIPE_VERSION}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"warm-start-{key}.pt"
