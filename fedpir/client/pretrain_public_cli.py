@@ -12,7 +12,7 @@ the segmentation to the other modalities). The file is what a run names as ``war
 
 Example::
 
-    fedpir pretrain-public --out warm_start.pt --size 24 --pretrain-epochs 4 --segment-epochs 8
+    fedpir pretrain-public --out warm_start.pt --size 24 --pretrain-epochs 8 --segment-epochs 32
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from fedpir.run_config import RunSettings
 
 HELP = "build a warm-start file on public data (synthetic by default), with its SHA-256"
 #: How a warm start is made by default (the flags of the same names; `fedpir simulate` uses these).
-RECIPE: dict[str, int | float | str] = {"subjects": 32, "pretrain_epochs": 4, "segment_epochs": 8, "lr": 2e-3,
+RECIPE: dict[str, int | float | str] = {"subjects": 32, "pretrain_epochs": 8, "segment_epochs": 32, "lr": 2e-3,
                                         "batch_size": 4, "segment_modalities": "all"}
 #: Bumped whenever the generator or the losses change what a recipe builds (cached warm starts are keyed by it).
 RECIPE_VERSION = 2
