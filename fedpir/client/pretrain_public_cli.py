@@ -62,9 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_warm_start(
-    out: Path, *, size: int, modalities: str, subjects: int = 48, pretrain_epochs: int = 8, segment_epochs: int = 8,
-    invariance_weight: float = 1.0, batch_size: int = 4, lr: float = 2e-3, seed: int = 0, device: str = "auto",
-    corpus: Path | None = None, segment_modalities: str = "all", progress: bool = True, command: str = "",
+    out: Path, *, size: int, modalities: str, subjects: int = int(RECIPE["subjects"]),
+    pretrain_epochs: int = int(RECIPE["pretrain_epochs"]), segment_epochs: int = int(RECIPE["segment_epochs"]),
+    invariance_weight: float = 1.0, batch_size: int = int(RECIPE["batch_size"]), lr: float = float(RECIPE["lr"]),
+    seed: int = 0, device: str = "auto", corpus: Path | None = None,
+    segment_modalities: str = str(RECIPE["segment_modalities"]), progress: bool = True, command: str = "",
 ) -> str:
     """Pretrain on the public corpus, write ``out`` and return its SHA-256; the segmentation epochs
     see only ``segment_modalities`` ("all" or a comma list)."""
