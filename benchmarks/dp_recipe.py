@@ -13,7 +13,7 @@ forecast and the time.
 The ``v2-*`` configurations (``RECIPES``: each recipe under fedpir's key policy, local-only, FedAvg
 and fedpir-noinv) also score every site on its evaluation set (own modalities, and one modality at
 a time); their command is in docs/results/dp_recipe_v2/COMMANDS.md. ``--resume`` keeps the runs
---out already holds. ``--public-seed-per-run`` builds each seed's warm starts from a public corpus of
+--out already holds that started from the warm start they would use now. ``--public-seed-per-run`` builds each seed's warm starts from a public corpus of
 that seed, so that the seeds sample the warm start too (docs/results/warm_start_recipe/); the ``v3-*``
 configurations start from warm starts whose segmentation epochs saw FLAIR only.
 
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="build each seed's warm starts from a public corpus of that seed (default: seed 0 "
                              "for all), so that the seeds also sample the warm start")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs --out already holds (same warm start) and run only the missing ones")
+                        help="keep the runs --out already holds that started from the warm start they would use now; "
+                             "run the others")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = sorted(set(configs) - set(CONFIGS))
@@ -198,17 +199,26 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     d = RunSettings(device=args.device)
-    sha = cached_warm_start(d, 1.0)[1]
     needed = {(CONFIGS[c]["warm"], CONFIGS[c].get("public_masks", "all")) for c in configs if CONFIGS[c]["warm"]}
+    built: dict[int, dict[str, tuple[str, str]]] = {}
 
-    def warm_starts(public_seed: int) -> dict[str, tuple[str, str]]:
-        return {warm_key(kind, masks): cached_warm_start(d, 0.0 if kind == "noinv" else 1.0, segment_modalities=masks,
+    def warm_starts(seed: int) -> dict[str, tuple[str, str]]:
+        """The warm starts of a seed's runs, by warm_key (built once per public seed, then cached)."""
+        public_seed = seed if args.public_seed_per_run else 0
+        if public_seed not in built:
+            built[public_seed] = {
+                warm_key(kind, masks): cached_warm_start(d, 0.0 if kind == "noinv" else 1.0, segment_modalities=masks,
                                                          public_seed=public_seed) for kind, masks in needed}
+        return built[public_seed]
 
-    try:
-        results = kept_runs(args.out, sha, configs, seeds) if args.resume else []
-    except ValueError as err:
-        parser.error(str(err))
+    def expected_sha(config: str, seed: int) -> str:
+        c = CONFIGS[config]
+        return warm_starts(seed)[warm_key(c["warm"], c.get("public_masks", "all"))][1] if c["warm"] else d.warm_start_sha256
+
+    results: list[dict[str, Any]] = []
+    if args.resume:
+        results, stale = kept_runs(args.out, {(c, s): expected_sha(c, s) for c in configs for s in seeds})
+        print(f"resume: {len(results)} runs kept, {stale} made from another warm start run again", file=sys.stderr)
     done = {(r["config"], r["seed"]) for r in results}
     with tempfile.TemporaryDirectory(prefix="fedpir-recipe-") as tmp:
         jobs = []
@@ -217,28 +227,28 @@ def main(argv: list[str] | None = None) -> int:
             if todo:
                 fed = synthetic_federation(replace(d, seed=seed, federation_dir=str(Path(tmp) / f"fed-{seed}")))
                 base = replace(d, seed=seed, federation_dir=str(fed), run_dir=str(fed))
-                warm = warm_starts(seed if args.public_seed_per_run else 0)
-                jobs += [(c, base, warm, threads) for c in todo]
+                jobs += [(c, base, warm_starts(seed), threads) for c in todo]
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for result in pool.map(run_one, jobs):
                 results.append(result)
-                write(args, sha, configs, results, argv)
-    print(json.dumps(write(args, sha, configs, results, argv), indent=1))
+                write(args, built, configs, results, argv)
+    print(json.dumps(write(args, built, configs, results, argv), indent=1))
     return 0
 
 
-def kept_runs(out: Path | None, sha: str, configs: list[str], seeds: list[int]) -> list[dict[str, Any]]:
-    """The runs of an earlier ``out`` that this sweep asks for, if it used the same warm start."""
+def kept_runs(out: Path | None, expected: dict[tuple[str, int], str]) -> tuple[list[dict[str, Any]], int]:
+    """The runs of an earlier ``out`` that this sweep asks for (``expected``: (config, seed) -> the
+    SHA-256 of the warm start it starts from now), and how many of those were made from another
+    warm start (or recorded none) and so must run again."""
     if out is None or not out.is_file():
-        return []
-    earlier = json.loads(out.read_text())
-    if earlier.get("warm_start_sha256") != sha:
-        raise ValueError(f"{out} was made from another warm start; remove it or drop --resume")
-    return [r for r in earlier["runs"] if r["config"] in configs and r["seed"] in seeds]
+        return [], 0
+    asked = [r for r in json.loads(out.read_text())["runs"] if (r["config"], r["seed"]) in expected]
+    kept = [r for r in asked if r.get("warm_start_sha256") == expected[r["config"], r["seed"]]]
+    return kept, len(asked) - len(kept)
 
 
-def write(args: argparse.Namespace, sha: str, configs: list[str], results: list[dict[str, Any]],
-          argv: list[str] | None) -> dict[str, Any]:
+def write(args: argparse.Namespace, built: dict[int, dict[str, tuple[str, str]]], configs: list[str],
+          results: list[dict[str, Any]], argv: list[str] | None) -> dict[str, Any]:
     """Summarise the results so far (mean and sd of the final Dice over seeds) and write --out."""
     summary = {}
     for c in configs:
@@ -252,7 +262,8 @@ def write(args: argparse.Namespace, sha: str, configs: list[str], results: list[
                 summary[c] |= {f"{key}_mean": float(np.nanmean(values)),
                                f"{key}_sd": float(np.nanstd(values, ddof=1)) if values.size > 1 else 0.0}
     out = {"command": shlex.join(["python", "benchmarks/dp_recipe.py", *(sys.argv[1:] if argv is None else argv)]),
-           "defaults": RunSettings().to_run_config(), "warm_start_recipe": RECIPE, "warm_start_sha256": sha,
+           "defaults": RunSettings().to_run_config(), "warm_start_recipe": RECIPE,
+           "warm_starts": {str(seed): {key: sha for key, (_, sha) in ws.items()} for seed, ws in built.items()},
            "device": args.device, "public_seed_per_run": args.public_seed_per_run, "summary": summary, "runs": results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

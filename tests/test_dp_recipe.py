@@ -148,17 +148,20 @@ def test_a_file_that_is_no_warm_start_is_refused_clearly(tmp_path: Path) -> None
         load_warm_start(build_model(RunSettings()), other, file_sha256(other))
 
 
-def test_recipe_sweep_resumes_only_from_the_same_warm_start(tmp_path: Path) -> None:
+def test_recipe_sweep_resumes_only_runs_from_the_warm_start_they_would_use_now(tmp_path: Path) -> None:
     from benchmarks.dp_recipe import kept_runs
 
     out = tmp_path / "sweep.json"
-    runs = [{"config": "v2-default", "seed": 0, "dice": 0.7}, {"config": "v2-default", "seed": 1, "dice": 0.6},
-            {"config": "v2-default-local", "seed": 0, "dice": 0.5}]
-    out.write_text(json.dumps({"warm_start_sha256": "abc", "runs": runs}))
-    assert kept_runs(out, "abc", ["v2-default"], [0, 2]) == runs[:1]  # only the asked configurations and seeds
-    assert kept_runs(tmp_path / "none.json", "abc", ["v2-default"], [0]) == []
-    with pytest.raises(ValueError, match="another warm start"):
-        kept_runs(out, "def", ["v2-default"], [0])
+    runs = [{"config": "v2-default", "seed": 0, "dice": 0.7, "warm_start_sha256": "abc"},
+            {"config": "v2-default", "seed": 1, "dice": 0.6, "warm_start_sha256": "old"},
+            {"config": "v2-default", "seed": 2, "dice": 0.6},
+            {"config": "v2-default-local", "seed": 0, "dice": 0.5, "warm_start_sha256": "abc"}]
+    out.write_text(json.dumps({"runs": runs}))
+    expected = {("v2-default", 0): "abc", ("v2-default", 1): "abc", ("v2-default", 2): "abc", ("v2-default", 3): "abc"}
+    # only the asked configurations and seeds; another warm start, or none recorded, runs again
+    assert kept_runs(out, expected) == (runs[:1], 2)
+    assert kept_runs(out, {("v2-default", 1): "old"}) == (runs[1:2], 0)  # each seed has its own warm start
+    assert kept_runs(tmp_path / "none.json", expected) == ([], 0)
 
 
 def test_public_masks_of_one_modality_train_the_segmentation_on_it_alone(small_federation: Path, tmp_path: Path) -> None:
