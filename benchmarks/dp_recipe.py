@@ -13,9 +13,10 @@ forecast and the time.
 The ``v2-*`` configurations (``RECIPES``: each recipe under fedpir's key policy, local-only, FedAvg
 and fedpir-noinv) also score every site on its evaluation set (own modalities, and one modality at
 a time); their command is in docs/results/dp_recipe_v2/COMMANDS.md. ``--resume`` keeps the runs
---out already holds that started from the warm start they would use now. ``--public-seed-per-run`` builds each seed's warm starts from a public corpus of
-that seed, so that the seeds sample the warm start too (docs/results/warm_start_recipe/); the ``v3-*``
-configurations start from warm starts whose segmentation epochs saw FLAIR only.
+--out already holds that started from the warm start they would use now. ``--public-seed-per-run``
+builds each seed's warm starts from a public corpus of that seed, so that the seeds sample the warm
+start too (docs/results/warm_start_recipe/); the ``v3-*`` configurations start from warm starts
+whose segmentation epochs saw FLAIR only.
 
 Prints one JSON object (and writes it to --out); ``--configs`` picks configurations by name.
 """

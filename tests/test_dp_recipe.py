@@ -50,25 +50,47 @@ def test_a_private_round_changes_only_the_declared_groups(site) -> None:
     assert not any(k.startswith(("encoder.down", "decoder.", "seg_head.blocks")) and "adn.N" not in k for k in changed)
 
 
-def test_multiplicity_keeps_one_gradient_per_patient(site) -> None:
+@pytest.mark.parametrize("modality_dropout", [0.0, 0.6])
+def test_multiplicity_keeps_one_gradient_per_patient(site, modality_dropout: float) -> None:
     """K augmented views of a patient are one DP sample: Opacus sees one per-sample gradient per
-    patient, and it equals the gradient of that patient's view-averaged loss computed alone."""
+    patient, and it equals the gradient of that patient's view-averaged loss computed alone (also
+    when views leave modalities out: the draws come from the patient's own stream)."""
     vocab, dataset = site
     model = make_model(vocab)
     model.set_trainable("segmentation")
     batch = {k: torch.stack([dataset[i][k] for i in range(3)]) for k in ("image", "present", "mask")}
     batch["seed"] = torch.tensor([11, 12, 13])
     module = GradSampleModule(model)
-    finetune_losses(module, batch, "segmentation", views=3)["total"].backward()
+    finetune_losses(module, batch, "segmentation", views=3, modality_dropout=modality_dropout)["total"].backward()
     param = model.seg_head.out.weight
     per_patient = param.grad_sample.clone()
     assert per_patient.shape[0] == 3  # patients, not patients x views
     module._close()
     model.zero_grad(set_to_none=True)
     alone = {k: v[1:2] for k, v in batch.items()}
-    finetune_losses(model, alone, "segmentation", views=3)["total"].backward()
+    finetune_losses(model, alone, "segmentation", views=3, modality_dropout=modality_dropout)["total"].backward()
     # Opacus rescales the mean-reduced loss: the per-sample gradient is the patient's own
     assert torch.allclose(per_patient[1], param.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_modality_dropout_leaves_available_modalities_out_and_keeps_one(site) -> None:
+    from fedpir.models.losses import augmented_views
+
+    vocab, dataset = site
+    batch = {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in ("image", "present", "mask")}
+    present = batch["present"].bool()
+    seeds = list(range(100, 100 + len(dataset)))
+    assert torch.equal(augmented_views(batch, 0, seeds)["present"], present)  # none left out by default
+    views = [augmented_views(batch, v, seeds, modality_dropout=0.6) for v in range(8)]
+    for view in views:
+        kept = view["present"]
+        assert kept.any(1).all() and not (kept & ~present).any()  # one kept at least, none invented
+        assert (view["image"][~kept] == 0).all() and (view["image"][kept].abs().sum((1, 2, 3)) > 0).all()
+    assert sum(int((present & ~view["present"]).sum()) for view in views) > 0
+    again = augmented_views(batch, 3, seeds, modality_dropout=0.6)
+    assert torch.equal(again["present"], views[3]["present"]) and torch.equal(again["image"], views[3]["image"])
+    with pytest.raises(ValueError, match="modality_dropout"):
+        augmented_views(batch, 0, seeds, modality_dropout=1.0)
 
 
 def test_forecast_warns_on_the_old_default_and_not_on_the_recipe() -> None:

@@ -35,9 +35,9 @@ from fedpir.run_config import RunSettings
 HELP = "build a warm-start file on public data (synthetic by default), with its SHA-256"
 #: How a warm start is made by default (the flags of the same names; `fedpir simulate` uses these).
 RECIPE: dict[str, int | float | str] = {"subjects": 32, "pretrain_epochs": 8, "segment_epochs": 32, "lr": 2e-3,
-                                        "batch_size": 4, "segment_modalities": "all"}
+                                        "batch_size": 4, "segment_modalities": "all", "modality_dropout": 0.5}
 #: Bumped whenever the generator or the losses change what a recipe builds (cached warm starts are keyed by it).
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="epochs on the public lesion masks (0: none)")
     parser.add_argument("--segment-modalities", default=RECIPE["segment_modalities"],
                         help="input modalities of those epochs: all, or a comma list (e.g. flair)")
+    parser.add_argument("--modality-dropout", type=float, default=RECIPE["modality_dropout"],
+                        help="in those epochs, leave each modality of a patient out with this probability "
+                             "(one is always kept), so that one modality alone also segments; 0: none")
     parser.add_argument("--invariance-weight", type=float, default=1.0, help="0 for the fedpir-noinv ablation")
     parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
@@ -66,10 +69,14 @@ def build_warm_start(
     pretrain_epochs: int = int(RECIPE["pretrain_epochs"]), segment_epochs: int = int(RECIPE["segment_epochs"]),
     invariance_weight: float = 1.0, batch_size: int = int(RECIPE["batch_size"]), lr: float = float(RECIPE["lr"]),
     seed: int = 0, device: str = "auto", corpus: Path | None = None,
-    segment_modalities: str = str(RECIPE["segment_modalities"]), progress: bool = True, command: str = "",
+    segment_modalities: str = str(RECIPE["segment_modalities"]),
+    modality_dropout: float = float(RECIPE["modality_dropout"]), progress: bool = True, command: str = "",
 ) -> str:
     """Pretrain on the public corpus, write ``out`` and return its SHA-256; the segmentation epochs
-    see only ``segment_modalities`` ("all" or a comma list)."""
+    see only ``segment_modalities`` ("all" or a comma list), each left out of a patient's view with
+    probability ``modality_dropout``."""
+    if not 0 <= modality_dropout < 1:
+        raise ValueError(f"--modality-dropout must be in [0, 1), got {modality_dropout}")
     settings = RunSettings(seed=seed, volume_size=size, modalities=modalities, batch_size=batch_size, lr=lr,
                            dp=False, invariance_weight=invariance_weight, device=device)
     with tempfile.TemporaryDirectory(prefix="fedpir-public-") as tmp:
@@ -86,9 +93,10 @@ def build_warm_start(
     if len(seg_set) == 0:
         raise ValueError(f"public corpus {corpus}: no subject has any of --segment-modalities {segment_modalities}")
     model = build_model(settings)
-    trainers = {"pretrain": LocalTrainer.for_run(settings, model, dataset, state_dir=None, seed=seed, name="public")}
+    trainers = {"pretrain": LocalTrainer.for_run(settings, model, dataset, state_dir=None, seed=seed, name="public",
+                                                 modality_dropout=modality_dropout)}
     trainers["segmentation"] = trainers["pretrain"] if seg_set is dataset else LocalTrainer.for_run(
-        settings, model, seg_set, state_dir=None, seed=seed, name="public")
+        settings, model, seg_set, state_dir=None, seed=seed, name="public", modality_dropout=modality_dropout)
     history: list[dict[str, Any]] = []
     has_masks = any(bool(seg_set[i]["has_mask"]) for i in range(len(seg_set)))
     plan = [("pretrain", pretrain_epochs)] + ([("segmentation", segment_epochs)] if has_masks else [])
@@ -103,6 +111,7 @@ def build_warm_start(
     meta = {"command": command, "corpus": str(corpus) if corpus else "synthetic", "subjects": len(dataset),
             "settings": settings.to_run_config(), "pretrain_epochs": pretrain_epochs,
             "segment_epochs": segment_epochs if has_masks else 0, "segment_modalities": segment_modalities,
+            "modality_dropout": modality_dropout,
             "history": history}
     return save_warm_start(model.cpu(), out, meta)
 
@@ -117,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         pretrain_epochs=args.pretrain_epochs, segment_epochs=args.segment_epochs,
         invariance_weight=args.invariance_weight, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, corpus=args.corpus, segment_modalities=args.segment_modalities,
-        progress=not args.no_progress,
+        modality_dropout=args.modality_dropout, progress=not args.no_progress,
         command=shlex.join(["fedpir", "pretrain-public", *sys.argv[2:]]),
     )
     print(f"wrote {args.out}\nsha256 {sha}\nrun config: warm-start=\"{args.out.resolve()}\" warm-start-sha256=\"{sha}\"")

@@ -96,6 +96,7 @@ class LocalTrainer:
         state_dir: Path | None = None,
         device: str | torch.device = "cpu",
         augment_views: int = 0,
+        modality_dropout: float = 0.0,
         name: str = "site",
         ledger_key: Path | None = None,
         state_cipher: StateCipher = PLAINTEXT,
@@ -109,7 +110,7 @@ class LocalTrainer:
             raise ValueError("the site has no usable patients")
         self.model, self.dataset, self.dp, self.loss_cfg = model, dataset, dp, loss_cfg or LossConfig()
         self.batch_size, self.lr, self.optimizer_name, self.seed = batch_size, lr, optimizer, seed
-        self.augment_views, self.name = augment_views, name
+        self.augment_views, self.modality_dropout, self.name = augment_views, modality_dropout, name
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.model.to(self.device)
         self.ledger = PrivacyLedger.in_dir(state_dir, key_path=ledger_key, cipher=state_cipher)
@@ -126,13 +127,16 @@ class LocalTrainer:
 
     @classmethod
     def for_run(cls, settings: RunSettings, model: PIRNet, dataset: Dataset, *, state_dir: Path | None,
-                seed: int, name: str = "site", state_cipher: StateCipher = PLAINTEXT) -> LocalTrainer:
-        """The trainer of a run's settings (DP, losses, batch size, learning rate, device)."""
+                seed: int, name: str = "site", state_cipher: StateCipher = PLAINTEXT,
+                modality_dropout: float = 0.0) -> LocalTrainer:
+        """The trainer of a run's settings (DP, losses, batch size, learning rate, device);
+        ``modality_dropout``: see :func:`~fedpir.models.losses.augmented_views`."""
         return cls(model, dataset, dp=dp_config_for(settings),
                    loss_cfg=LossConfig(w_invariance=settings.invariance_weight, mim=settings.mim,
                                        anatomical=settings.anatomical),
                    batch_size=settings.batch_size, lr=settings.lr, seed=seed, state_dir=state_dir,
-                   device=settings.device, augment_views=settings.augment_views, name=name, state_cipher=state_cipher)
+                   device=settings.device, augment_views=settings.augment_views,
+                   modality_dropout=modality_dropout, name=name, state_cipher=state_cipher)
 
     # ---- planning ------------------------------------------------------------------------
     @property
@@ -192,7 +196,8 @@ class LocalTrainer:
         if objective == "pretrain":
             return pretrain_losses(self.model, batch, self.loss_cfg, generator=generator)
         views = self.augment_views if self.model.training else 0
-        return finetune_losses(self.model, batch, objective, views=views, generator=generator)
+        return finetune_losses(self.model, batch, objective, views=views, generator=generator,
+                               modality_dropout=self.modality_dropout)
 
     def train_round(
         self,

@@ -253,34 +253,51 @@ def pretrain_losses(
     return losses
 
 
-def augmented_views(batch: dict[str, Tensor], view: int, seeds: list[int]) -> dict[str, Tensor]:
+def augmented_views(
+    batch: dict[str, Tensor], view: int, seeds: list[int], modality_dropout: float = 0.0
+) -> dict[str, Tensor]:
     """View number ``view`` of a fine-tuning batch: per patient, from its own stream, a left-right
-    flip (image and mask together) with probability 1/2 and an intensity view of each modality."""
+    flip (image and mask together) with probability 1/2 and an intensity view of each modality; with
+    ``modality_dropout`` p > 0, each available modality is then left out with probability p (at least
+    one is kept), so that the task head also learns from the representation of single modalities
+    and small subsets, as at a site that has fewer modalities."""
+    if not 0 <= modality_dropout < 1:
+        raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
     image, mask, present = batch["image"], batch.get("mask"), batch["present"].bool()
-    images, masks = [], []
+    images, masks, kept = [], [], []
     for i, seed in enumerate(seeds):
         g = stream(seed, view, Purpose.FINETUNE)
         flip = bool(torch.rand((), generator=g) < 0.5)
         x = torch.stack([intensity_view(image[i, m : m + 1], g)[0] for m in range(image.shape[1])])
-        x = x * present[i].view(-1, 1, 1, 1).to(x)  # absent modalities stay zero
+        keep = present[i].clone()
+        if modality_dropout > 0 and keep.sum() > 1:
+            available = torch.nonzero(keep).flatten()
+            drop = torch.rand(len(available), generator=g) < modality_dropout
+            if drop.all():
+                drop[int(torch.randint(len(available), (), generator=g))] = False
+            keep[available[drop]] = False
+        x = x * keep.view(-1, 1, 1, 1).to(x)  # absent (and left-out) modalities are zero
         images.append(x.flip(1) if flip else x)
+        kept.append(keep)
         if mask is not None:
             masks.append(mask[i].flip(1) if flip else mask[i])
-    out = dict(batch, image=torch.stack(images))
+    out = dict(batch, image=torch.stack(images), present=torch.stack(kept))
     if mask is not None:
         out["mask"] = torch.stack(masks)
     return out
 
 
 def finetune_losses(
-    model: nn.Module, batch: dict[str, Tensor], task: str, views: int = 0, generator: torch.Generator | None = None
+    model: nn.Module, batch: dict[str, Tensor], task: str, views: int = 0, generator: torch.Generator | None = None,
+    modality_dropout: float = 0.0,
 ) -> dict[str, Tensor]:
     """Stage-2 loss on X_h averaged over each patient's available modalities: {task, "total"}.
 
     ``views`` > 0 averages the loss over that many augmented views of each patient
     (:func:`augmented_views`): augmentation multiplicity. The views of a patient are one DP sample,
-    so Opacus clips the gradient averaged over them (one gradient per patient). ``views`` = 0: the
-    batch as given (evaluation).
+    so Opacus clips the gradient averaged over them (one gradient per patient); ``modality_dropout``
+    leaves modalities out of each view (:func:`augmented_views`). ``views`` = 0: the batch as given
+    (evaluation).
 
     "segmentation": MONAI DiceCELoss(sigmoid=True) against batch["mask"] [B, 1, D, H, W] (Dice per
     patient, so the batch loss is the mean of per-patient losses). "classification": CE against
@@ -291,7 +308,7 @@ def finetune_losses(
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if views > 0:
         seeds = patient_seeds(batch["image"].shape[0], batch.get("seed"), generator)
-        losses = [finetune_losses(model, augmented_views(batch, v, seeds), task) for v in range(views)]
+        losses = [finetune_losses(model, augmented_views(batch, v, seeds, modality_dropout), task) for v in range(views)]
         return {k: sum(loss[k] for loss in losses) / views for k in losses[0]}
     net = unwrap(model)
     image, present = check_batch(net, batch)

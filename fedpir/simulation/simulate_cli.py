@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default=d.strategy, help="server strategy of the federated methods")
     p.add_argument("--epsilon", type=float, default=d.epsilon_budget, help="privacy budget per site")
     p.add_argument("--no-dp", action="store_true", help="train without differential privacy")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the federation, of its training and of the public corpus of --warm-start auto")
     add_noise_flag(p)
     p.add_argument("--pretrain-trainable", default=d.pretrain_trainable,
                    help="parameter groups a pretraining round trains (preset or comma list; see docs/architecture.md)")
@@ -83,8 +84,8 @@ def warm_starts(
         return settings, ("", "")
     noinv_needed = "fedpir-noinv" in methods
     if args.warm_start == "auto":
-        main = cached_warm_start(settings, 1.0)
-        noinv = cached_warm_start(settings, 0.0) if noinv_needed else ("", "")
+        main = cached_warm_start(settings, 1.0, public_seed=settings.seed)  # the seeds sample the warm start too
+        noinv = cached_warm_start(settings, 0.0, public_seed=settings.seed) if noinv_needed else ("", "")
     else:
         path = Path(args.warm_start).expanduser().resolve()
         if not path.is_file():
