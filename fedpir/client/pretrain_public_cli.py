@@ -7,12 +7,13 @@ any folder of public NIfTI that `fedpir validate` reads instead. The model is pr
 PIR losses, then its segmentation head is trained on the corpus' lesion masks (public labels), by
 default with every modality as input; ``--segment-modalities flair`` trains it on FLAIR alone, as
 with public lesion masks that come with few modalities (then the invariant encoder is what carries
-the segmentation to the other modalities). The file is what a run names as ``warm-start`` with its
-``warm-start-sha256``.
+the segmentation to the other modalities). In those epochs each modality of a patient's view is
+left out with probability ``--modality-dropout`` (one is always kept), so that one modality alone
+also segments. The file is what a run names as ``warm-start`` with its ``warm-start-sha256``.
 
 Example::
 
-    fedpir pretrain-public --out warm_start.pt --size 24 --pretrain-epochs 8 --segment-epochs 32
+    fedpir pretrain-public --out warm_start.pt --size 24 --pretrain-epochs 8 --segment-epochs 32 --modality-dropout 0.5
 """
 
 from __future__ import annotations
