@@ -89,7 +89,7 @@ def test_modality_dropout_leaves_available_modalities_out_and_keeps_one(site) ->
     assert sum(int((present & ~view["present"]).sum()) for view in views) > 0
     again = augmented_views(batch, 3, seeds, modality_dropout=0.6)
     assert torch.equal(again["present"], views[3]["present"]) and torch.equal(again["image"], views[3]["image"])
-    with pytest.raises(ValueError, match="modality_dropout"):
+    with pytest.raises(ValueError, match="modality dropout must be in"):
         augmented_views(batch, 0, seeds, modality_dropout=1.0)
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from fedpir.client.trainer import LocalTrainer
 from fedpir.data.dataset import load_site
+from fedpir.models.losses import check_modality_dropout
 from fedpir.models.pir import build_model
 from fedpir.models.warm_start import save_warm_start
 from fedpir.run_config import RunSettings
@@ -76,8 +77,7 @@ def build_warm_start(
     """Pretrain on the public corpus, write ``out`` and return its SHA-256; the segmentation epochs
     see only ``segment_modalities`` ("all" or a comma list), each left out of a patient's view with
     probability ``modality_dropout``."""
-    if not 0 <= modality_dropout < 1:
-        raise ValueError(f"--modality-dropout must be in [0, 1), got {modality_dropout}")
+    check_modality_dropout(modality_dropout)  # before the corpus is generated
     settings = RunSettings(seed=seed, volume_size=size, modalities=modalities, batch_size=batch_size, lr=lr,
                            dp=False, invariance_weight=invariance_weight, device=device)
     with tempfile.TemporaryDirectory(prefix="fedpir-public-") as tmp:

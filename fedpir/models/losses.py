@@ -253,6 +253,12 @@ def pretrain_losses(
     return losses
 
 
+def check_modality_dropout(p: float) -> None:
+    """Raise ValueError unless ``p`` is a modality-dropout probability, in [0, 1) (see :func:`augmented_views`)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"modality dropout must be in [0, 1), got {p}")
+
+
 def augmented_views(
     batch: dict[str, Tensor], view: int, seeds: list[int], modality_dropout: float = 0.0
 ) -> dict[str, Tensor]:
@@ -261,8 +267,7 @@ def augmented_views(
     ``modality_dropout`` p > 0, each available modality is then left out with probability p (at least
     one is kept), so that the task head also learns from the representation of single modalities
     and small subsets, as at a site that has fewer modalities."""
-    if not 0 <= modality_dropout < 1:
-        raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+    check_modality_dropout(modality_dropout)
     image, mask, present = batch["image"], batch.get("mask"), batch["present"].bool()
     images, masks, kept = [], [], []
     for i, seed in enumerate(seeds):
