@@ -76,6 +76,8 @@ class RunSettings:
     round_timeout: float = 600.0
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.key_policy not in KEY_POLICIES:
             raise ValueError(f"key-policy {self.key_policy!r} unknown; valid: {', '.join(KEY_POLICIES)}")
         if self.finetune_task not in ("segmentation", "classification"):

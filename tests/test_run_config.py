@@ -24,6 +24,8 @@ def test_from_run_config_parses_and_rejects() -> None:
         RunSettings.from_run_config({"pretrain-round": 5})
     with pytest.raises(ValueError, match="key-policy"):
         RunSettings(key_policy="everything")
+    with pytest.raises(ValueError, match="seed must be >= 0"):  # before any warm start or corpus is built
+        RunSettings.from_run_config({"seed": -1})
 
 
 def test_paths_default_under_run_dir(tmp_path: Path) -> None:
