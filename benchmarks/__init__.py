@@ -1,2 +1,2 @@
-"""fedpir's benchmarks. ``python -m benchmarks`` runs the cost benchmarks (benchmarks/__main__.py);
+"""fedpir's benchmarks. ``python -m benchmarks`` runs the cost benchmarks (benchmarks/cost/__main__.py);
 the older experiment scripts in this folder run as ``python benchmarks/<name>.py``."""

@@ -7,17 +7,16 @@ checks that pyproject.toml lists the same keys and values.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedpir.transfer import check_transfer_dtype
+from fedpir.alignment.maps import METHODS, POOLINGS
+from fedpir.alignment.text import ENCODERS
+from fedpir.models.groups import KEY_POLICIES, TASKS
+from fedpir.synthetic.sizes import site_sizes
+from fedpir.wire.protocol import check_transfer_dtype
 
-#: Which state-dict keys a site sends to the server (the baselines differ from fedpir here; "local" sends
-#: nothing). The keys of each policy are declared on the model: PIRNet.federated_keys.
-KEY_POLICIES: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper", "local")
 #: Strategies whose aggregation is the weighted mean that SecAgg+ computes (the others need the
 #: individual updates: median, trimmed mean, the modality-aware mean, server optimizers).
 SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
@@ -63,11 +62,11 @@ class RunSettings:
     warm_start_sha256: str = ""  # its checksum, checked by the server and every site
     augment_views: int = 2  # fine-tuning: augmented views averaged per patient before clipping (0: none)
     invariance_weight: float = 1.0  # weight of the invariance term (0: the fedpir-noinv ablation)
-    transfer_dtype: str = "float32"  # how a site sends its shared weights: float32, float16, int8 (fedpir.transfer)
+    transfer_dtype: str = "float32"  # how a site sends its shared weights: float32, float16, int8 (fedpir.wire.transfer)
     align: bool = False  # after the last round, the alignment stage (fedpir.server.alignment; docs/alignment.md)
-    align_method: str = "procrustes"  # the map T: procrustes, lstsq, ridge (fedpir.models.alignment)
-    align_pooling: str = "mean"  # a patient as one vector: X_h mean, max, meanmax; or lesion (fedpir.models.anchors)
-    text_encoder: str = "auto"  # report embeddings: auto (MiniLM when installed), minilm, hashed (fedpir.models.text)
+    align_method: str = "procrustes"  # the map T: procrustes, lstsq, ridge (fedpir.alignment.maps)
+    align_pooling: str = "mean"  # a patient as one vector: X_h mean, max, meanmax; or lesion (fedpir.alignment.anchors)
+    text_encoder: str = "auto"  # report embeddings: auto (MiniLM when installed), minilm, hashed (fedpir.alignment.text)
     secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the updates (fedpir.privacy.secure_aggregation)
     secagg_clipping_range: float = 1.0  # SecAgg+ clips each update value x num-examples / secagg-max-weight to +-this
     secagg_max_weight: float = 100.0  # SecAgg+ weight scale (patients); a site above it is clipped harder
@@ -80,7 +79,7 @@ class RunSettings:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.key_policy not in KEY_POLICIES:
             raise ValueError(f"key-policy {self.key_policy!r} unknown; valid: {', '.join(KEY_POLICIES)}")
-        if self.finetune_task not in ("segmentation", "classification"):
+        if self.finetune_task not in TASKS:
             raise ValueError(f"finetune-task must be segmentation or classification, not {self.finetune_task!r}")
         check_transfer_dtype(self.transfer_dtype)
         if self.proximal_mu < 0:
@@ -157,27 +156,11 @@ class RunSettings:
 
 def _check_alignment(settings: RunSettings) -> None:
     """Raise ValueError naming the alignment setting that is not one of its choices."""
-    from fedpir.models.alignment import METHODS
-    from fedpir.models.anchors import POOLINGS
-    from fedpir.models.text import ENCODERS
-
     for key, value, valid in (("align-method", settings.align_method, [m for m in METHODS if m != "identity"]),
                               ("align-pooling", settings.align_pooling, POOLINGS),
                               ("text-encoder", settings.text_encoder, ENCODERS)):
         if value not in valid:
             raise ValueError(f"{key} {value!r} unknown; valid: {', '.join(valid)}")
-
-
-def site_sizes(spec: int | str | Sequence[int], n_sites: int) -> list[int]:
-    """Patients of each of ``n_sites`` synthetic sites from one number for every site, or a list
-    (comma string or sequence) cycled over the sites: hospitals of unequal size."""
-    try:
-        sizes = [int(n) for n in (spec.split(",") if isinstance(spec, str) else [spec] if isinstance(spec, int) else spec)]
-    except ValueError:
-        raise ValueError(f"subjects per site must be a number or a comma list of numbers, got {spec!r}") from None
-    if n_sites < 1 or not sizes or min(sizes) < 1:
-        raise ValueError(f"need at least one site and at least one patient per site, got {n_sites} sites of {spec!r}")
-    return [sizes[s % len(sizes)] for s in range(n_sites)]
 
 
 def to_flower_keys(names: Any) -> list[str]:
@@ -189,10 +172,3 @@ def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
-
-
-def add_noise_flag(parser: argparse.ArgumentParser) -> None:
-    """The one flag that makes DP noise replayable (for `fedpir train` and `fedpir simulate`)."""
-    parser.add_argument("--reproducible-noise", action="store_true",
-                        help="seed DP noise and sampling from --seed so that a run repeats (experiments only: "
-                             "whoever knows the seed can replay the noise); default: from OS entropy")

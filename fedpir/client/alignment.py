@@ -19,18 +19,18 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from torch.utils.data import Subset
 
-from fedpir.alignment_stage import record_digest, statistics_record
+from fedpir.alignment.anchors import embed_dataset, site_alignment_statistics
+from fedpir.alignment.maps import AlignmentMap
+from fedpir.alignment.records import record_digest, statistics_record
+from fedpir.alignment.text import TextEncoder, load_text_encoder
+from fedpir.alignment.zeroshot import LESION_PROMPTS, binary_metrics, class_embeddings, zero_shot_scores
 from fedpir.client.site import Site
-from fedpir.models.alignment import AlignmentMap
-from fedpir.models.anchors import embed_dataset, site_alignment_statistics
-from fedpir.models.text import TextEncoder, load_text_encoder
-from fedpir.models.zeroshot import LESION_PROMPTS, binary_metrics, class_embeddings, zero_shot_scores
 from fedpir.privacy.release import ALIGNMENT_OBJECTIVE
 
 
 @functools.lru_cache(maxsize=2)
 def text_encoder(kind: str) -> TextEncoder:
-    """The text encoder ``kind`` (fedpir.models.text), loaded once per process, offline."""
+    """The text encoder ``kind`` (fedpir.alignment.text), loaded once per process, offline."""
     return load_text_encoder(kind)
 
 

@@ -12,10 +12,10 @@ Node config (``flower-supernode --node-config``), deployment:
 Every request is checked against the site's policy before it touches the model, only the metrics
 the policy releases leave (fedpir.privacy.release), and a refused or failed request is answered
 with an error code and a generic reason (fedpir.client.guard). Besides train and evaluate, the
-alignment stage's two query messages (fedpir.protocol, fedpir.client.alignment).
+alignment stage's two query messages (fedpir.wire.protocol, fedpir.client.alignment).
 Simulation (Flower's simulation engine sets ``partition-id``): the node serves ``site-<id>`` of the
 run's federation folder; without a configured ``federation-dir`` the simulation side
-(:func:`fedpir.simulation.prepare.synthetic_federation`) writes the synthetic federation of the
+(:func:`fedpir.synthetic.prepare.synthetic_federation`) writes the synthetic federation of the
 run's settings first. A deployed SuperNode never takes that path.
 """
 
@@ -31,7 +31,7 @@ from flwr.clientapp.typing import Mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from fedpir.alignment_stage import map_from_records
+from fedpir.alignment.records import map_from_records
 from fedpir.client.alignment import statistics_reply, zero_shot_metrics
 from fedpir.client.guard import admit_alignment, admit_evaluation, admit_training, answered
 from fedpir.client.secure_mod import secure_aggregation_mod, under_secure_aggregation
@@ -41,7 +41,8 @@ from fedpir.privacy.budget import PrivacyLedger
 from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_request, policy_of_node
 from fedpir.privacy.release import release
 from fedpir.privacy.secure_aggregation import key_order
-from fedpir.protocol import (
+from fedpir.run_config import RunSettings
+from fedpir.wire.protocol import (
     ALIGN_STATISTICS,
     ALIGN_ZEROSHOT,
     ALIGNMENT_RECORD,
@@ -52,8 +53,7 @@ from fedpir.protocol import (
     STAGE_KEY,
     has_modality_key,
 )
-from fedpir.run_config import RunSettings
-from fedpir.transfer import encode_reply
+from fedpir.wire.transfer import encode_reply
 
 _SITES: dict[tuple, Site] = {}
 
@@ -78,7 +78,7 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
     elif "partition-id" in node:
         name = f"site-{int(node['partition-id'])}"
         if not settings.federation_dir:
-            from fedpir.simulation.prepare import synthetic_federation  # simulation engine only
+            from fedpir.synthetic.prepare import synthetic_federation  # simulation engine only
 
             synthetic_federation(settings)
         data_dir = settings.federation_path / name

@@ -6,7 +6,7 @@ then check, before the request touches the model, the ledger on disk against the
 (a missing or altered ledger stops the site), bind the site's budget to the ledger (it only lowers),
 and check the round's planned noise, the evaluation rate limit or the policy's switch for alignment
 statistics. :func:`answered` turns every exception of a handler into an error reply with a code and
-a generic reason from :data:`fedpir.protocol.SITE_ERRORS`; the exception's text (values, paths,
+a generic reason from :data:`fedpir.wire.protocol.SITE_ERRORS`; the exception's text (values, paths,
 labels) goes to the site's log only, and nothing else leaves.
 """
 
@@ -22,7 +22,7 @@ from fedpir.client.site import Site, SiteDataError
 from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyLedger
 from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_plan, site_budget
 from fedpir.privacy.release import EvaluationAllowance, training_entries
-from fedpir.protocol import (
+from fedpir.wire.protocol import (
     BUDGET_EXHAUSTED,
     DATA_UNAVAILABLE,
     LEDGER_UNTRUSTED,

@@ -21,16 +21,17 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from fedpir.client.trainer import LocalTrainer
 from fedpir.data.confinement import data_roots_from
 from fedpir.data.dataset import SiteDataset, load_site
 from fedpir.data.manifest import ManifestError
 from fedpir.data.patients import PatientDataset, patient_groups
-from fedpir.models.pir import build_model, objective_for, trainable_groups
+from fedpir.models.groups import objective_for, trainable_groups
 from fedpir.models.warm_start import RECORD_NAME, warm_start_record
 from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, load_tensors, private_dir, save_tensors, write_private
-from fedpir.protocol import EVAL_KEYS
 from fedpir.run_config import RunSettings
+from fedpir.training.model import build_model
+from fedpir.training.trainer import LocalTrainer
+from fedpir.wire.protocol import EVAL_KEYS
 
 log = logging.getLogger("fedpir.client")
 
@@ -38,7 +39,7 @@ HOLDOUT_FRACTION = 0.25
 
 
 def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The :data:`fedpir.protocol.EVAL_KEYS` (NaN where not computable; ``loss`` is the total
+    """The :data:`fedpir.wire.protocol.EVAL_KEYS` (NaN where not computable; ``loss`` is the total
     loss): the same keys at every site."""
     metrics = {**metrics, "loss": metrics.get("loss_total", float("nan"))}
     return {k: float(metrics.get(k, float("nan"))) for k in EVAL_KEYS}

@@ -21,11 +21,12 @@ subjects until they are registered.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedpir.data.manifest import MANIFEST_NAMES, ManifestError, SiteManifest, SubjectRecord, load_manifest
+from fedpir.data.manifest import FEDERATION_FILE, MANIFEST_NAMES, ManifestError, SiteManifest, SubjectRecord, load_manifest
 
 NIFTI_SUFFIX = r"\.nii(?:\.gz)?$"
 
@@ -141,3 +142,14 @@ def open_site(path: Path | str) -> SiteManifest:
         "(<case>/<case>-t1n.nii.gz or <case>/<case>_t1.nii.gz), no IXI-style files "
         "(IXI###-Site-####-T1.nii.gz)"
     )
+
+
+def site_vocabulary(site: Path, given: str | None = None) -> list[str]:
+    """The modality vocabulary of a site: ``given`` (a comma list), else its federation's
+    (:data:`~fedpir.data.manifest.FEDERATION_FILE` beside the site folder), else the site's own."""
+    if given:
+        return [m.strip() for m in given.split(",") if m.strip()]
+    federation = (site if site.is_dir() else site.parent).parent / FEDERATION_FILE
+    if federation.is_file():
+        return list(json.loads(federation.read_text())["modalities"])
+    return open_site(site).modalities

@@ -32,7 +32,12 @@ from pathlib import Path
 #: Modality names fedpir knows. Manifests naming anything else are reported by validation.
 KNOWN_MODALITIES: tuple[str, ...] = ("t1", "t1c", "t2", "flair", "pd", "ct")
 OPTIONAL_COLUMNS: tuple[str, ...] = ("patient_id", "mask", "tissue", "label", "report")
-MANIFEST_NAMES: tuple[str, ...] = ("manifest.json", "manifest.csv")
+#: The manifest a site folder holds (JSON, as fedpir writes it; CSV also read).
+MANIFEST_FILE = "manifest.json"
+MANIFEST_NAMES: tuple[str, ...] = (MANIFEST_FILE, "manifest.csv")
+#: The file beside a federation's site folders that names its modality vocabulary (and, for a synthetic
+#: federation, its seed, grid and scanners).
+FEDERATION_FILE = "federation.json"
 
 
 @dataclass

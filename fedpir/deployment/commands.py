@@ -1,6 +1,6 @@
 """The command lines of a fedpir deployment, declared once.
 
-The loopback integration test (``tests/test_deploy_loopback.py``) starts exactly these commands, and
+The loopback integration test (``tests/deployment/test_deploy_loopback.py``) starts exactly these commands, and
 a test checks that the compose file, the Kubernetes manifests and the systemd units in ``deploy/``
 use the same flags (with their own paths). Kit file names come from :mod:`fedpir.deployment.provision`.
 """

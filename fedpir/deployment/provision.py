@@ -2,7 +2,7 @@
 
 One folder holds everything the federation operator creates::
 
-    ROOT/federation.json            the registry: hospitals, key fingerprints, status (no secrets)
+    ROOT/registry.json              the registry: hospitals, key fingerprints, status (no secrets)
     ROOT/ca/ca.key, ca.crt          the federation CA (keep ca.key offline; it signs the SuperLink's
                                     TLS certificate)
     ROOT/superlink/                 the server kit: ca.crt, server.crt, server.key
@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-REGISTRY = "federation.json"
+REGISTRY = "registry.json"
 CURVES: dict[str, type[ec.EllipticCurve]] = {"p256": ec.SECP256R1, "p384": ec.SECP384R1}
 #: Names the SuperLink certificate always covers (the loopback deployment and the server machine itself).
 DEFAULT_SANS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -52,7 +52,7 @@ class ProvisionError(ValueError):
 
 @dataclass
 class Federation:
-    """The registry of a provisioned federation (``federation.json``)."""
+    """The registry of a provisioned federation (``registry.json``)."""
 
     root: Path
     name: str

@@ -38,7 +38,8 @@ from fedpir.models.augment import (
     rotate,
     stream,
 )
-from fedpir.models.pir import TASKS, PIRNet, unwrap
+from fedpir.models.groups import TASKS
+from fedpir.models.pir import PIRNet, unwrap
 
 #: The pretraining terms always computed (the Alice terms "mim" and "anatomical" are optional).
 CORE_TERMS: tuple[str, ...] = ("rotation", "contrastive", "reconstruction", "invariance")

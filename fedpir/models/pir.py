@@ -11,64 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from opacus import GradSampleModule
 from torch import Tensor, nn
 
 from fedpir.models.blocks import CNNEncoder, ModalityAdapter, ModalityDecoder, PriorFusion
+from fedpir.models.groups import KEY_POLICIES, OBJECTIVE_MODULES, PARAMETER_GROUPS
 from fedpir.models.heads import PooledLinearHead, ProjectionHead, SegmentationHead
-from fedpir.models.warm_start import load_warm_start
-from fedpir.run_config import KEY_POLICIES, RunSettings
 
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-#: What a model is trained for in a round (the federation's "pretrain" stage trains "pretrain";
-#: its "finetune" stage trains the run's task), and the top-level modules each objective uses.
-OBJECTIVE_MODULES: dict[str, tuple[str, ...]] = {
-    "pretrain": ("adapters", "encoder", "fusion", "decoder", "rotation_head", "projection_head"),
-    "segmentation": ("adapters", "encoder", "fusion", "seg_head"),
-    "classification": ("adapters", "encoder", "fusion", "cls_head"),
-}
-TASKS: tuple[str, ...] = ("segmentation", "classification")
-#: Parameter groups, the unit in which a round chooses what it trains (see PIRNet.group_of).
-PARAMETER_GROUPS: tuple[str, ...] = (
-    "adapters", "norms", "encoder", "prior", "fusion", "decoder", "ssl_heads", "task_head", "task_out",
-)
-#: Named choices of trained groups: "all" trains every group the objective uses; "head" only the
-#: task head (a frozen encoder).
-TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {
-    "all": PARAMETER_GROUPS,
-    "head": ("task_head", "task_out"),
-}
-
-
-def objective_for(stage: str, task: str) -> str:
-    """The objective a federation stage trains: "pretrain", or the fine-tuning ``task``."""
-    if stage == "pretrain":
-        return "pretrain"
-    if stage != "finetune":
-        raise ValueError(f"stage must be pretrain or finetune, got {stage!r}")
-    if task not in TASKS:
-        raise ValueError(f"fine-tuning needs a task in {TASKS}, got {task!r}")
-    return task
-
-
-def trainable_groups(spec: str) -> tuple[str, ...]:
-    """Parse a trained-groups setting: a preset of :data:`TRAINABLE_PRESETS` or a comma list of
-    :data:`PARAMETER_GROUPS`."""
-    if spec in TRAINABLE_PRESETS:
-        return TRAINABLE_PRESETS[spec]
-    groups = tuple(g.strip() for g in spec.split(",") if g.strip())
-    unknown = [g for g in groups if g not in PARAMETER_GROUPS]
-    if unknown or not groups:
-        raise ValueError(
-            f"trainable {spec!r}: use a preset ({', '.join(TRAINABLE_PRESETS)}) or a comma list of "
-            f"{', '.join(PARAMETER_GROUPS)}"
-        )
-    return groups
-
-
 @dataclass
 class PIRConfig:
     """Architecture of :class:`PIRNet`.
@@ -309,15 +261,4 @@ def unwrap(model: nn.Module) -> PIRNet:
         model = model._module
     if not isinstance(model, PIRNet):
         raise TypeError(f"expected a PIRNet (optionally wrapped by Opacus), got {type(model).__name__}")
-    return model
-
-
-def build_model(settings: RunSettings) -> PIRNet:
-    """The federation's model for a run's settings, identical at the server and at every site:
-    seeded, then loaded from the run's public warm start when it names one (checksum checked)."""
-    torch.manual_seed(settings.seed)
-    size = settings.volume_size
-    model = PIRNet(PIRConfig(modalities=settings.vocabulary, spatial_size=(size, size, size)))
-    if settings.warm_start:
-        load_warm_start(model, Path(settings.warm_start), settings.warm_start_sha256)
     return model

@@ -55,9 +55,9 @@ warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: How Opacus computes per-patient gradients (``make_private(grad_sample_mode=...)``): "hooks" (per-layer
 #: rules; a Conv3d unfolds 27x its input per patient) or "functorch" (vmap of each layer's own
-#: backward). ``python -m benchmarks.dp_cost`` measures both (docs/results/benchmarks.jsonl): functorch
+#: backward). ``python -m benchmarks.cost.dp_cost`` measures both (docs/results/benchmarks.jsonl): functorch
 #: is the faster and, with every parameter trained, needs no more memory than the non-private step
-#: where hooks needs about 1.8x; both give each patient's exact gradient (tests/test_privacy_dp.py).
+#: where hooks needs about 1.8x; both give each patient's exact gradient (tests/privacy/test_privacy_dp.py).
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch")
 GRAD_SAMPLE_MODE = "functorch"
 

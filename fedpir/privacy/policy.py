@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fedpir.models.groups import KEY_POLICIES
 from fedpir.privacy.budget import PrivacyLedger
-from fedpir.run_config import KEY_POLICIES, RunSettings
+from fedpir.run_config import RunSettings
 
 #: The node-config key that names the policy file.
 POLICY_NODE_KEY = "privacy-policy"
@@ -69,7 +70,7 @@ class SitePolicy:
             metrics not named take the declared default of :data:`fedpir.privacy.release.METRICS`.
         alignment_statistics: the site answers the alignment stage's request for the sufficient
             statistics of its anchors (sums over its training patients' image and report
-            embeddings, :mod:`fedpir.alignment_stage`). They are not differentially private, so
+            embeddings, :mod:`fedpir.alignment.records`). They are not differentially private, so
             the default refuses them.
     """
 

@@ -39,7 +39,7 @@ import numpy as np
 from fedpir.privacy.budget import PrivacyBudget
 from fedpir.privacy.dp import RoundPlan
 from fedpir.privacy.policy import SitePolicy
-from fedpir.protocol import HAS_MODALITY_PREFIX, NUM_EXAMPLES_KEY
+from fedpir.wire.protocol import HAS_MODALITY_PREFIX, NUM_EXAMPLES_KEY
 
 log = logging.getLogger("fedpir.client")
 

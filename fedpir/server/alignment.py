@@ -3,12 +3,12 @@
 After the last round, with the final global shared weights:
 
 1. every site is asked for the sufficient statistics of its anchors
-   (:data:`fedpir.protocol.ALIGN_STATISTICS`); a site whose policy forbids them refuses;
+   (:data:`fedpir.wire.protocol.ALIGN_STATISTICS`); a site whose policy forbids them refuses;
 2. the server keeps the replies of the text encoder most sites used, sums them
-   (:func:`fedpir.alignment_stage.aggregate_statistics`, at least ``min-sites``) and solves T in
+   (:func:`fedpir.alignment.records.aggregate_statistics`, at least ``min-sites``) and solves T in
    closed form (``align-method``): the fit on all contributing sites' anchors pooled;
 3. T is written to ``alignment.json`` in the run folder and broadcast
-   (:data:`fedpir.protocol.ALIGN_ZEROSHOT`); each site replies the zero-shot accuracy and AUROC of
+   (:data:`fedpir.wire.protocol.ALIGN_ZEROSHOT`); each site replies the zero-shot accuracy and AUROC of
    its held-out patients, which the strategy aggregates like evaluation metrics.
 
 Per-site replies, refusals and the aggregate go to ``metrics.jsonl`` (kinds ``align-statistics``,
@@ -28,12 +28,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedpir.alignment_stage import aggregate_statistics, map_records
-from fedpir.models.alignment import AlignmentMap, fit_alignment
+from fedpir.alignment.maps import AlignmentMap, fit_alignment
+from fedpir.alignment.records import aggregate_statistics, map_records
 from fedpir.privacy.at_rest import write_private
-from fedpir.protocol import ALIGN_STAGE, ALIGN_STATISTICS, ALIGN_ZEROSHOT, ALIGNMENT_RECORD, MAP_RECORD, STAGE_KEY
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog, exchange, log_replies, site_name
+from fedpir.wire.protocol import ALIGN_STAGE, ALIGN_STATISTICS, ALIGN_ZEROSHOT, ALIGNMENT_RECORD, MAP_RECORD, STAGE_KEY
 
 log = logging.getLogger("fedpir.server")
 

@@ -20,9 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedpir.protocol import ROUND_KEY, STAGE_KEY
 from fedpir.server.checkpoint import Checkpoint, CheckpointStore, restore_strategy_state, strategy_state
 from fedpir.server.secure_train import SecureRound
+from fedpir.wire.protocol import ROUND_KEY, STAGE_KEY
 
 log = logging.getLogger("fedpir.server")
 #: A train step under secure aggregation: (grid, strategy, round, global arrays, config) -> what the server learnt.

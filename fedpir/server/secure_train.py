@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpir.privacy.secure_aggregation import key_order, secagg_workflow
-from fedpir.protocol import NUM_EXAMPLES_KEY
+from fedpir.wire.protocol import NUM_EXAMPLES_KEY
 
 log = logging.getLogger("fedpir.server")
 

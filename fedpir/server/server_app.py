@@ -13,13 +13,13 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedpir.models.pir import build_model
-from fedpir.protocol import EPOCHS_KEY, STAGES
 from fedpir.run_config import RunSettings
 from fedpir.server.alignment import run_alignment
 from fedpir.server.rounds import SecureStep, Stage, run_federation
 from fedpir.server.secure_train import SecureRound, secure_train
 from fedpir.strategies import make_strategy
+from fedpir.training.model import build_model
+from fedpir.wire.protocol import EPOCHS_KEY, STAGES
 
 log = logging.getLogger("fedpir.server")
 

@@ -18,12 +18,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedpir.data.dataset import load_site
+from fedpir.data.manifest import FEDERATION_FILE
 from fedpir.models.evaluation import evaluate
-from fedpir.models.pir import PIRNet, build_model
+from fedpir.models.pir import PIRNet
 from fedpir.privacy.at_rest import load_tensors
 from fedpir.privacy.dp import collate_patients
 from fedpir.run_config import RunSettings
 from fedpir.synthetic.federation import EVAL_DIR
+from fedpir.training.model import build_model
 
 
 def final_site_model(run_settings: RunSettings, site: str) -> PIRNet:
@@ -49,7 +51,7 @@ def cross_modal_summary(out_dir: Path, settings: dict[str, RunSettings]) -> dict
     eval_root = any_settings.federation_path / EVAL_DIR
     if not eval_root.is_dir():
         return {}
-    meta = json.loads((any_settings.federation_path / "federation.json").read_text())
+    meta = json.loads((any_settings.federation_path / FEDERATION_FILE).read_text())
     trained_on = {site["name"]: set(site["modalities"]) for site in meta["sites"]}
     size, vocabulary = any_settings.volume_size, any_settings.vocabulary
     loaders = {site: DataLoader(load_site(eval_root / site, vocabulary, (size,) * 3)[0], batch_size=4,

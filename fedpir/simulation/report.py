@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fedpir.client.site import site_data  # noqa: E402
-from fedpir.models.pir import build_model  # noqa: E402
 from fedpir.privacy.at_rest import load_tensors  # noqa: E402
 from fedpir.run_config import RunSettings  # noqa: E402
 from fedpir.server.rounds import MetricsLog  # noqa: E402
+from fedpir.training.model import build_model  # noqa: E402
 
 Records = list[dict[str, Any]]
 

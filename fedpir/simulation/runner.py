@@ -26,12 +26,13 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from fedpir.client.site import Site, site_data, summary_metrics
-from fedpir.client.trainer import LocalTrainer
-from fedpir.models.pir import build_model, objective_for, trainable_groups
+from fedpir.models.groups import objective_for, trainable_groups
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
 from fedpir.server.server_app import stages
 from fedpir.simulation.engine import run_flower
+from fedpir.training.model import build_model
+from fedpir.training.trainer import LocalTrainer
 
 log = logging.getLogger("fedpir.simulation")
 

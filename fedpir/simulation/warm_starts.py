@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from fedpir.client.pretrain_public_cli import RECIPE, RECIPE_VERSION, build_warm_start
 from fedpir.models.warm_start import file_sha256
 from fedpir.run_config import RunSettings
+from fedpir.training.model import build_model
+from fedpir.training.warm_start import RECIPE, RECIPE_VERSION, build_warm_start
 
 CACHE = Path.home() / ".fedpir" / "warm-starts"
 
@@ -35,3 +37,28 @@ def cached_warm_start(settings: RunSettings, invariance_weight: float, cache: Pa
     print(f"building the public warm start (invariance weight {invariance_weight:g}) into {path}", flush=True)
     sha = build_warm_start(path, device=settings.device, **recipe)  # type: ignore[arg-type]
     return str(path), sha
+
+
+def run_warm_starts(settings: RunSettings, warm_start: str, noinv_warm_start: Path | None,
+                    methods: list[str]) -> tuple[RunSettings, tuple[str, str]]:
+    """The run's warm start (in its settings) and the fedpir-noinv ablation's (path, SHA-256):
+    ``warm_start`` "auto" (the cached public ones, built from the public corpus of the run's seed),
+    "none" (random initialisation) or a file, with ``noinv_warm_start`` for the ablation."""
+    if warm_start == "none":
+        return settings, ("", "")
+    noinv_needed = "fedpir-noinv" in methods
+    if warm_start == "auto":
+        main = cached_warm_start(settings, 1.0, public_seed=settings.seed)  # the seeds sample the warm start too
+        noinv = cached_warm_start(settings, 0.0, public_seed=settings.seed) if noinv_needed else ("", "")
+    else:
+        path = Path(warm_start).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--warm-start {path} does not exist; build one with `fedpir pretrain-public`")
+        main = (str(path), file_sha256(path))
+        if noinv_needed and noinv_warm_start is None:
+            raise ValueError("method fedpir-noinv needs --noinv-warm-start with --warm-start FILE")
+        noinv = (str(noinv_warm_start.resolve()), file_sha256(noinv_warm_start)) if noinv_needed else ("", "")
+        for path, sha in (main, noinv):  # a file that does not fit the model stops here, not inside the sites
+            if path:
+                build_model(replace(settings, warm_start=path, warm_start_sha256=sha))
+    return replace(settings, warm_start=main[0], warm_start_sha256=main[1]), noinv

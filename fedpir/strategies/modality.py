@@ -4,7 +4,7 @@ hold that modality.
 In the heterogeneous setting a site without, say, FLAIR still sends the FLAIR output head of the
 decoder (it is a shared key), but that head never saw FLAIR data there; averaging it in would pull
 the head back towards its initial value. Each train reply therefore reports, per vocabulary
-modality, ``has-modality.<name>`` = 1.0/0.0 in its MetricRecord (see :func:`fedpir.protocol.has_modality_key`).
+modality, ``has-modality.<name>`` = 1.0/0.0 in its MetricRecord (see :func:`fedpir.wire.protocol.has_modality_key`).
 A key is modality-specific when ``modality_of_key(key)`` (provided by the model) returns a modality
 name; its weighted mean runs over the replies with ``has-modality.<name>`` = 1 (a reply without
 that entry counts as not holding it), and if no accepted reply holds the modality the global value
@@ -21,8 +21,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedpir.protocol import has_modality_key
 from fedpir.strategies.shared import SharedOnlyMixin
+from fedpir.wire.protocol import has_modality_key
 
 log = logging.getLogger("fedpir.strategies")
 

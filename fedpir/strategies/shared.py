@@ -30,7 +30,8 @@ from fedpir.strategies.validation import (
     screen_train_replies,
     site_metrics,
 )
-from fedpir.transfer import check_transfer_dtype, decode_reply
+from fedpir.wire.protocol import check_transfer_dtype
+from fedpir.wire.transfer import decode_reply
 
 log = logging.getLogger("fedpir.strategies")
 
@@ -61,7 +62,7 @@ class SharedOnlyMixin:
         norm_ratio: reject a reply whose update norm exceeds ``norm_ratio`` x the median update
             norm of the round's valid replies (applied with >= 3 such replies).
         transfer_dtype: how sites encode their replies (run config ``transfer-dtype``,
-            :mod:`fedpir.transfer`); replies are decoded to the global dtypes before screening.
+            :mod:`fedpir.wire.transfer`); replies are decoded to the global dtypes before screening.
 
     Attributes, refreshed every round:
         global_arrays: the global shared arrays sent in the last ``configure_train``.
@@ -137,7 +138,7 @@ class SharedOnlyMixin:
         return (None if arrays is None else _cast_like(arrays, self.global_arrays)), metrics
 
     def _decode(self, replies: list[Message]) -> None:
-        """Replace each reply's encoded arrays by the weights they stand for (fedpir.transfer); a
+        """Replace each reply's encoded arrays by the weights they stand for (fedpir.wire.transfer); a
         reply that does not decode keeps its arrays, and the screening says what is wrong with them."""
         assert self.global_arrays is not None
         for msg in replies:

@@ -26,8 +26,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from fedpir.data.manifest import SiteManifest, SubjectRecord, write_manifest
-from fedpir.run_config import site_sizes
+from fedpir.data.manifest import FEDERATION_FILE, MANIFEST_FILE, SiteManifest, SubjectRecord, write_manifest
 from fedpir.synthetic.anatomy import Anatomy, Grid, make_anatomy
 from fedpir.synthetic.mr_signal import LITERATURE_1P5T
 from fedpir.synthetic.phantoms import TISSUE_LABELS, sample_phantom
@@ -40,6 +39,7 @@ from fedpir.synthetic.scanners import (
     make_scanners,
     random_scanner,
 )
+from fedpir.synthetic.sizes import site_sizes
 
 FORMAT_VERSION = 1
 #: Share of each site's subjects without a lesion.
@@ -121,7 +121,7 @@ def generate_public_corpus(
         keys = (seed, PUBLIC_STREAM, j)
         scanner = random_scanner(f"public-{j:03d}", np.random.default_rng([*keys, 1]))
         records.append(_write_subject(scanner, body, grid, bool(lesion), keys, out_dir / f"pub-{j:03d}"))
-    write_manifest(SiteManifest(site="public", subjects=records), out_dir / "manifest.json")
+    write_manifest(SiteManifest(site="public", subjects=records), out_dir / MANIFEST_FILE)
     return out_dir
 
 
@@ -136,7 +136,7 @@ def _write_eval_set(folder: Path, scanner: Scanner, body: Anatomy, grid: Grid, k
     seed, site = keys
     records = [_write_subject(scanner, body, grid, bool(lesion), (seed, EVAL_STREAM + site, j), folder / f"eval-{j:03d}")
                for j, lesion in enumerate(_lesion_flags(seed, EVAL_STREAM + site, n))]
-    write_manifest(SiteManifest(site=f"{scanner.name}-eval", subjects=records), folder / "manifest.json")
+    write_manifest(SiteManifest(site=f"{scanner.name}-eval", subjects=records), folder / MANIFEST_FILE)
 
 
 def generate_federation(
@@ -186,7 +186,7 @@ def generate_federation(
             sub_dir = site_dir / f"sub-{index:03d}"
             records.append(_write_subject(scanner, body, grid, bool(lesion), (seed, s, index), sub_dir, template_parenchyma))
             bar.update()
-        write_manifest(SiteManifest(site=scanner.name, subjects=records), site_dir / "manifest.json")
+        write_manifest(SiteManifest(site=scanner.name, subjects=records), site_dir / MANIFEST_FILE)
         if eval_subjects:
             _write_eval_set(out_dir / EVAL_DIR / scanner.name, replace(scanner, modalities=MODALITIES), body, grid,
                             (seed, s), eval_subjects)
@@ -205,5 +205,5 @@ def generate_federation(
         "tissue_params_1p5t": {t: asdict(p) for t, p in LITERATURE_1P5T.items()},
         "sites": [sc.to_dict() for sc in scanners],
     }
-    (out_dir / "federation.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (out_dir / FEDERATION_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return out_dir

@@ -1,0 +1,175 @@
+"""The README's cost table, generated from the cost benchmarks' records (docs/results/benchmarks.jsonl).
+
+    python -m benchmarks.cost.cost_table [--results docs/results/benchmarks.jsonl] [--readme README.md]
+
+Takes the newest record of each benchmark and prints Markdown; with ``--readme`` it replaces what
+lies between the :data:`BEGIN` and :data:`END` markers of that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.cost.common import RESULTS
+
+BEGIN, END = "<!-- cost-table:begin -->", "<!-- cost-table:end -->"
+PART_NAMES = {"site_setup": "site set-up (data, model, ledger)", "training": "training loops",
+              "local_other": "rest of the site's work (evaluation, weights in/out)",
+              "serialization": "serialization (pickle of messages)", "aggregation": "aggregation (screening, FedAvg)",
+              "transport": "transport and engine (queues, polling, Ray, checkpoints)"}
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "no"
+
+
+#: Config keys whose values make separate rows of a benchmark (the newest record of each value is shown).
+VARIANTS: dict[str, str] = {"communication": "finetune_trainable"}
+
+
+def newest(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The last record of each benchmark (of each variant, see :data:`VARIANTS`), in first-seen order."""
+    out: dict[str, dict[Any, dict[str, Any]]] = {}
+    for record in records:
+        name = record["benchmark"]
+        out.setdefault(name, {})[record["config"].get(VARIANTS.get(name, ""))] = record
+    return {name: list(variants.values()) for name, variants in out.items()}
+
+
+def _overhead(r: dict[str, Any]) -> list[str]:
+    f, c = r["figures"], r["config"]
+    steady = f["steady_round"]
+    lines = [f"**Framework overhead** ({c['sites']} sites, {c['subjects']} patients each, {c['size']}^3, "
+             f"{c['rounds']} rounds, no DP): the fastest federated round after the first on Flower's simulation engine "
+             f"over itself less messaging, aggregation and the engine's queues: **{f['ratio_round_from_parts']:.2f}x** "
+             f"(target <= 1.10: {_yes(f['ratio_round_from_parts'] <= 1.10)}); over the fastest such round of the same "
+             f"sites' work in a plain loop in one process, run before and after (two runs, so load changes between "
+             f"them distort it): {f['ratio_round']:.2f}x; the whole run, with the engine's start-up "
+             f"({f['first_round']['startup']:.1f} s), {f['ratio_run']:.1f}x. Where a round after the first goes:", "",
+             "| part | seconds | share |", "|---|---|---|"]
+    wall = f["federated_round_s"]
+    lines += [f"| {PART_NAMES[k]} | {steady[k]:.2f} | {steady[k] / wall:.0%} |" for k in PART_NAMES if k in steady]
+    lines.append(f"| plain loop, the same round | {f['plain_round_s']:.2f} | |")
+    return lines
+
+
+def _dp(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    lines = [f"**DP cost** (one step, {c['batch']} patients, {c['size']}^3, {c['views']} augmented views, "
+             f"{c['objective']}, fastest of {c['steps']} steps): private / non-private step, per Opacus per-patient "
+             "gradient mode and trained groups (target <= 1.5 for both):", "",
+             "| trained groups | parameters | mode | time ratio | peak memory ratio | met |", "|---|---|---|---|---|---|"]
+    for row in r["figures"]["rows"]:
+        if row["mode"] == "none" or "time_ratio" not in row:
+            continue
+        ok = row["time_ratio"] <= 1.5 and row["memory_ratio"] <= 1.5
+        lines.append(f"| {row['group']} | {row['trained_parameters']} | {row['mode']} | {row['time_ratio']:.2f} | "
+                     f"{row['memory_ratio']:.2f} | {_yes(ok)} |")
+    skipped = "; ".join(f"{mode}: {why}" for mode, why in r["figures"]["not_applicable"].items())
+    return [*lines, "", f"Not run: {skipped}."]
+
+
+def _communication(r: dict[str, Any]) -> list[str]:
+    f, c = r["figures"], r["config"]
+    lines = [f"**Communication** (bytes a site sends per round / {f['shared_fp32_bytes']:,} float32 bytes of the shared "
+             f"weights, target <= 1.02 for float32; Dice after {c['rounds']} private rounds of the default recipe "
+             f"fine-tuning `{c['finetune_trainable']}`, {c['sites']} sites, seeds {c['seeds']}):", "",
+             "| transfer-dtype | bytes per reply | ratio | final Dice (mean) | Dice - float32 (per seed) |",
+             "|---|---|---|---|---|"]
+    for dtype, row in f["dtypes"].items():
+        diff = ", ".join(f"{d:+.4f}" for d in row.get("dice_minus_float32", []))
+        lines.append(f"| {dtype} | {row['reply_bytes']:,.0f} | {row['ratio_to_fp32']:.3f} | {row['dice_mean']:.3f} | "
+                     f"{diff} |")
+    return lines
+
+
+def _scale(r: dict[str, Any]) -> list[str]:
+    f, c = r["figures"], r["config"]
+    lines = [f"**Scale** ({c['subjects']} patients per site, {c['size']}^3, 2 private rounds; plot "
+             f"`{Path(f['plot']).name}`): the largest number of simulated sites that completed is "
+             f"**{f['largest_completed']}** of those tried ({c['sites']}; target >= 64: "
+             f"{_yes(f['largest_completed'] >= 64)}).", "",
+             "| sites | completed | peak memory (GiB) | round 1 s (with start-up) | round 2 s | round 2 s per site |",
+             "|---|---|---|---|---|---|"]
+    for row in f["rows"]:
+        if "error" in row:
+            lines.append(f"| {row.get('sites', '?')} | no ({row['error'][:80]}) | | | | |")
+            continue
+        later = row["later_round_s"]
+        per_site = f"{later / row['sites']:.2f}" if later else ""
+        lines.append(f"| {row['sites']} | {_yes(row['completed'])} | {row['peak_gib']:.2f} | {row['first_round_s']:.1f} | "
+                     f"{later or float('nan'):.1f} | {per_site} |")
+    return lines
+
+
+def _data(r: dict[str, Any]) -> list[str]:
+    f, c = r["figures"], r["config"]
+    rates = f["patients_per_s"]
+    return [f"**Data path** ({c['patients']} patients, {c['size']}^3, {c['modalities']} modalities, fine-tuning "
+            f"without DP): patients per second of training from tensors in memory {rates['memory_tensors']:.2f}, "
+            f"from the site's cached dataset {rates['memory_cache']:.2f} ({f['ratio_cache_to_memory']:.2f}x), read "
+            f"from NIfTI at every step {rates['disk']:.2f} ({f['ratio_disk_to_memory']:.2f}x); loading and "
+            f"preprocessing alone {f['load_patients_per_s']:.1f} patients/s; filling the cache took "
+            f"{f['cache_fill_s']:.1f} s."]
+
+
+def _secure(r: dict[str, Any]) -> list[str]:
+    f, c = r["figures"], r["config"]
+    if "skipped" in f:  # records from before fedpir had secure aggregation
+        return [f"**Secure aggregation**: {f['skipped']}."]
+    rows = "; ".join(f"{n} sites: {f[f'sites_{n}']['plain_round_s']:.2f} s plain, {f[f'sites_{n}']['secure_round_s']:.2f} s "
+                     f"with SecAgg+ ({f[f'sites_{n}']['ratio_round']:.2f}x)" for n in c["sites"])
+    return [f"**Secure aggregation** (fastest round after the first, {c['subjects']} patients per site, {c['size']}^3, "
+            f"without DP): {rows} [{c['target']}]."]
+
+
+SECTIONS = {"overhead": _overhead, "dp_cost": _dp, "communication": _communication, "scale": _scale,
+            "data_path": _data, "secure_aggregation": _secure}
+
+
+def table(records: Iterable[dict[str, Any]]) -> str:
+    """Markdown of the newest record of each benchmark, with the machine they ran on."""
+    latest = newest(records)
+    if not latest:
+        return "No cost benchmark records yet: run `python -m benchmarks`."
+    shown = [r for variants in latest.values() for r in variants]
+    m = shown[0]["machine"]
+    runs = ", ".join(sorted({r["run"] or "single" for r in shown}))
+    lines = [f"Measured by `python -m benchmarks` (runs {runs}) on "
+             f"{m['cores']} cores, {m['torch_threads']} torch thread(s), device {m['device']}, load average "
+             f"{m['load_average'][0]:.1f} at the first benchmark (on a shared machine absolute times are noisy; the "
+             "ratios, each measured within one run, are what count).", ""]
+    for name, section in SECTIONS.items():
+        for record in latest.get(name, []):
+            lines += [*section(record), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_readme(readme: Path, text: str) -> None:
+    """Replace the text between the markers of ``readme`` with ``text``."""
+    content = readme.read_text()
+    if BEGIN not in content or END not in content:
+        raise ValueError(f"{readme} has no {BEGIN} ... {END} markers; add them where the table goes")
+    head, rest = content.split(BEGIN, 1)
+    readme.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--readme", type=Path, default=None, help="write the table between the markers of this file")
+    args = p.parse_args(argv)
+    records = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    text = table(records)
+    if args.readme is not None:
+        write_readme(args.readme, text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

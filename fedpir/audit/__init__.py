@@ -1,0 +1,1 @@
+"""Auditing a site: ledger verification, the audit report and membership-inference attacks."""

@@ -1,0 +1,1 @@
+"""The wire format: message keys, site error codes and how weights are encoded."""

@@ -1,0 +1,88 @@
+"""`fedpir train` (fedpir.commands.train) on a site of the synthetic federation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedpir.commands import train as train_cli
+
+
+def train(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    train_cli.add_arguments(parser)
+    return train_cli.run(parser.parse_args(list(argv)))
+
+
+def test_train_cli_private_rounds_then_budget_refusal(small_federation: Path, tmp_path: Path) -> None:
+    site = small_federation / "site-1"
+    common = ["--site", str(site), "--stage", "finetune", "--task", "classification", "--size", "16",
+              "--state-dir", str(tmp_path / "state"), "--no-progress"]
+    out = tmp_path / "run.json"
+    assert train(*common, "--rounds", "2", "--epsilon", "6", "--out", str(out)) == 0
+    result = json.loads(out.read_text())
+    vocab = json.loads((small_federation / "federation.json").read_text())["modalities"]
+    assert result["config"]["modalities"] == vocab and result["config"]["dp"]["target_epsilon"] == 6.0
+    rounds = result["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] <= 6.0
+    assert {"loss_total", "heldout_accuracy", "heldout_loss_classification", "steps", "seconds"} <= set(rounds[0])
+    # metrics are on held-out patients, never on the ones trained on
+    assert result["config"]["train_patients"] == 6 and result["config"]["heldout_patients"] == 2
+    assert rounds[0]["n_patients"] == 6 and rounds[0]["heldout_n_patients"] == 2
+    # the site's budget is spent: a further run on the same state folder is refused
+    assert train(*common, "--rounds", "1", "--epsilon", "6", "--out", str(out)) == train_cli.EXIT_BUDGET
+    assert json.loads(out.read_text())["rounds"] == []
+    ledger = (tmp_path / "state" / "privacy_ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 2
+
+
+def test_train_cli_without_dp(small_federation: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    argv = ["--site", str(small_federation / "site-2"), "--modalities", "t1,t2,flair,pd", "--no-dp",
+            "--stage", "finetune", "--task", "segmentation", "--size", "16", "--out", str(out), "--no-progress"]
+    assert train(*argv) == 0
+    (record,) = json.loads(out.read_text())["rounds"]
+    assert record["dp"] == 0.0 and "epsilon" not in record and "heldout_dice" in record
+    assert train("--site", str(small_federation / "site-2"), "--stage", "finetune") == 2  # no --task
+
+
+def test_train_cli_reads_a_brats_folder_without_manifest(tmp_path: Path) -> None:
+    """Every layout that `fedpir validate` accepts trains: a BraTS-style folder has no manifest."""
+    import nibabel as nib
+    import numpy as np
+
+    site = tmp_path / "brats"
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        case = f"BraTS-GLI-0000{k}-000"
+        for i, tag in enumerate(("t1n", "t2w", "t2f")):
+            data = (100.0 * (i + 1) * (1 + 0.1 * rng.standard_normal((16, 16, 16)))).astype(np.float32)
+            (site / case).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(data, np.eye(4)), site / case / f"{case}-{tag}.nii.gz")
+        mask = np.zeros((16, 16, 16), np.uint8)
+        mask[4:9, 4:9, 4:9] = 2
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), site / case / f"{case}-seg.nii.gz")
+    out = tmp_path / "run.json"
+    assert train("--site", str(site), "--no-dp", "--stage", "finetune", "--task", "segmentation", "--size", "16",
+                 "--out", str(out), "--no-progress") == 0
+    result = json.loads(out.read_text())
+    assert sorted(result["config"]["modalities"]) == ["flair", "t1", "t2"] and "heldout_dice" in result["rounds"][0]
+
+
+def test_user_errors_print_one_line_and_no_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cases = [
+        ["train", "--site", str(tmp_path / "missing"), "--no-progress"],
+        ["train", "--site", str(tmp_path), "--no-progress"],
+        ["simulate", "--out", str(tmp_path / "o"), "--finetune-trainable", "everything"],
+    ]
+    for argv in cases:
+        proc = subprocess.run([sys.executable, "-m", "fedpir", *argv], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "error:" in lines[0], proc.stderr

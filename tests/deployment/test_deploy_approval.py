@@ -1,0 +1,145 @@
+"""App approval: the allow-list file, the FAB hash of an app (the same as `flwr build` writes), the
+guard's decision and its hooks in the installed Flower. The guard refusing a real task over a real
+deployment is in tests/deployment/test_deploy_loopback.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fedpir.commands import main
+from fedpir.deployment import approval
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from deploy_harness import copy_app
+
+    return copy_app(tmp_path_factory.mktemp("app") / "app")
+
+
+def test_fab_hash_is_the_hash_of_flwr_build(app: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0"}
+    subprocess.run([shutil.which("flwr") or "flwr", "build", "--app", str(app)], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=120)
+    (fab,) = tmp_path.glob("*.fab")
+    assert approval.fab_hash_of_app(app) == hashlib.sha256(fab.read_bytes()).hexdigest() == approval.fab_hash_of_file(fab)
+    (app / "fedpir" / "extra.py").write_text("# one changed file\n")
+    try:
+        assert approval.fab_hash_of_app(app) != approval.fab_hash_of_file(fab)
+    finally:
+        (app / "fedpir" / "extra.py").unlink()
+
+
+def test_allow_list_approve_withdraw(tmp_path: Path) -> None:
+    path = tmp_path / "approved.txt"
+    a, b = "a" * 64, "B" * 64
+    assert approval.approve(path, a, note="v1") and not approval.approve(path, a)
+    assert approval.approve(path, b)
+    assert approval.read_approved(path) == {a, b.lower()}
+    assert approval.withdraw(path, a) and not approval.withdraw(path, a)
+    assert approval.read_approved(path) == {b.lower()}
+    path.write_text("# comment\n\n" + "c" * 64 + "  # reviewed\nnot-a-hash\n")
+    with pytest.raises(ValueError, match=r"approved.txt:4: not a SHA-256 FAB hash"):
+        approval.read_approved(path)
+    with pytest.raises(ValueError, match="not a SHA-256"):
+        approval.approve(path, "123")
+
+
+def test_refusal_decisions(tmp_path: Path) -> None:
+    fab = b"some fab bytes"
+    digest = hashlib.sha256(fab).hexdigest()
+    listed = tmp_path / "ok.txt"
+    listed.write_text(digest + "\n")
+    other = tmp_path / "other.txt"
+    other.write_text("0" * 64 + "\n")
+    assert approval.refusal(None, fab) is None  # no list configured: no policy
+    assert approval.refusal(str(listed), fab) is None
+    assert f"FAB hash {digest} is not approved" in approval.refusal(str(other), fab)
+    missing = approval.refusal(str(tmp_path / "missing.txt"), fab)
+    assert digest in missing and "cannot read" in missing  # fails closed
+
+
+def test_guard_refuses_before_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(approval, "GUARDED", {})
+
+    installed: list[bytes] = []
+    listed = tmp_path / "approved.txt"
+    listed.write_text(hashlib.sha256(b"approved fab").hexdigest() + "\n")
+    context = SimpleNamespace(node_config={approval.APPROVED_APPS_KEY: str(listed)})
+    guard = approval.Guard(pull=lambda client: ("msg", context, "run", "fab"),
+                           install=lambda fab, **kw: installed.append(fab) or "path")
+    assert guard.pull(None) == ("msg", context, "run", "fab") and guard.list_file == str(listed)
+    assert guard.install(b"approved fab", skip_prompt=True) == "path"
+    with pytest.raises(approval.AppNotApprovedError, match=hashlib.sha256(b"other fab").hexdigest()):
+        guard.install(b"other fab", skip_prompt=True)
+    assert installed == [b"approved fab"]
+    context.node_config = {}
+    guard.pull(None)
+    assert guard.install(b"other fab") == "path"  # a node without a list runs what it is sent
+
+
+def test_guard_hooks_exist_in_this_flower() -> None:
+    from flwr.supernode.runtime import run_clientapp as runner
+
+    before = runner.pull_task_input, runner.install_from_fab
+    try:
+        guard = approval.install_guard()
+        assert (runner.pull_task_input, runner.install_from_fab) == (guard.pull, guard.install)
+        assert (guard._pull, guard._install) == before
+    finally:
+        runner.pull_task_input, runner.install_from_fab = before
+
+
+def test_site_cli_approve_from_app_folder(app: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "approved.txt"
+    assert main(["site", "approve", str(path), "--app", str(app), "--note", "reviewed"]) == 0
+    assert approval.read_approved(path) == {approval.fab_hash_of_app(app)}
+    assert main(["site", "approve", str(path), "--hash", "xyz"]) == 2
+    assert "fedpir site: error: not a SHA-256 FAB hash" in capsys.readouterr().err
+
+
+def test_clientapp_refuses_when_approval_is_configured_but_unguarded(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpir.client.client_app import app as client_app
+
+    for attr in ("_run_id", "_task_id", "_node_id"):  # what a ClientApp process knows about its task
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    monkeypatch.setattr(approval, "GUARDED", {})
+    assert approval.require_guard_mod in client_app._mods
+    calls: list[str] = []
+
+    def call_next(msg, context):
+        calls.append("app")
+        return Message(RecordDict(), reply_to=msg)
+
+    def task(node_config: dict) -> Message:
+        msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+        return approval.require_guard_mod(msg, context, call_next)
+
+    listed = {approval.APPROVED_APPS_KEY: str(tmp_path / "approved.txt")}
+    reply = task(listed)
+    assert reply.has_error() and "does not run the fedpir approval guard" in reply.error.reason and not calls
+    assert not task({"data-dir": "/data"}).has_error() and calls == ["app"]  # no list: no policy
+    # the guard approved this task's FAB (as Guard.install does before the app is imported)
+    fab = b"approved fab"
+    (tmp_path / "approved.txt").write_text(hashlib.sha256(fab).hexdigest() + "\n")
+    guard = approval.Guard(pull=lambda c: (None, Context(1, 1, listed, RecordDict(), {}), None, None),
+                           install=lambda f, **kw: None)
+    guard.pull(None)
+    guard.install(fab)
+    assert approval.GUARDED == {"fab_hash": hashlib.sha256(fab).hexdigest()}
+    assert not task(listed).has_error() and calls == ["app", "app"]

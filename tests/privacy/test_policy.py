@@ -1,0 +1,260 @@
+"""The site's privacy policy and released metrics, through the real ClientApp and Flower's Message API.
+
+A hospital's node (``data-dir`` in its node config) names its policy file; the server's run config
+asks for a round. Requests outside the policy are refused with the rule's name and nothing else
+leaves; the ledger binds the budget; a missing or edited ledger stops training; evaluations are
+rate-limited and patient-derived metrics leave only coarsened or noised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedpir.audit.ledger import verify_ledger
+from fedpir.client import client_app
+from fedpir.client.client_app import make_client_app
+from fedpir.client.site import Site
+from fedpir.commands import main
+from fedpir.privacy.budget import LEDGER_NAME
+from fedpir.privacy.policy import DEFAULT_POLICY, SitePolicy, load_policy, policy_of_node
+from fedpir.privacy.release import RELEASE_OBJECTIVE, release
+from fedpir.privacy.signing import PUBLIC_KEY_NAME, load_public_key
+from fedpir.run_config import RunSettings
+from fedpir.training.model import build_model
+from fedpir.wire.protocol import (
+    DATA_UNAVAILABLE,
+    EPOCHS_KEY,
+    LEDGER_UNTRUSTED,
+    NUM_EXAMPLES_KEY,
+    POLICY_REFUSED,
+    RATE_LIMITED,
+    ROUND_KEY,
+    SITE_ERROR,
+    STAGE_KEY,
+)
+
+APP = make_client_app()
+
+
+def settings_for(tmp_path: Path, run: str = "run", **overrides) -> RunSettings:
+    values = dict(run_dir=str(tmp_path / run), volume_size=16, batch_size=2, pretrain_rounds=0, finetune_rounds=4,
+                  epsilon_budget=6.0, accountant="rdp", noise_multiplier=2.0)
+    return RunSettings(**{**values, **overrides})
+
+
+def write_policy(path: Path, **values) -> Path:
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items() if not isinstance(v, dict))
+                    + "".join(f"\n[{k}]\n" + "\n".join(f"{json.dumps(m)} = {json.dumps(x)}" for m, x in v.items())
+                              for k, v in values.items() if isinstance(v, dict)) + "\n")
+    return path
+
+
+def send(kind: str, settings: RunSettings, site_dir: Path, state: Path | None, policy: Path | None = None,
+         arrays: ArrayRecord | None = None) -> Message:
+    """One server request, as Flower delivers it to a hospital's node, through the ClientApp."""
+    if arrays is None:
+        model = build_model(settings)
+        keys = set(model.federated_keys(settings.key_policy))
+        arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in keys})
+    content = RecordDict({"arrays": arrays,
+                          "config": ConfigRecord({STAGE_KEY: "finetune", ROUND_KEY: 1, EPOCHS_KEY: 1})})
+    node = ({"data-dir": str(site_dir)} | ({"state-dir": str(state)} if state else {})
+            | ({"privacy-policy": str(policy)} if policy else {}))
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=settings.to_run_config())
+    return APP(Message(content, dst_node_id=1, message_type=kind), context)
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a ClientApp process knows about its task (Flower sets it when it starts one)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+
+
+@pytest.fixture(scope="module")
+def site_dir(small_federation: Path) -> Path:
+    return small_federation / "site-0"
+
+
+def assert_refused(reply: Message, code: int, *hidden: str) -> None:
+    assert reply.has_error() and not reply.has_content(), "a refusal carries nothing but the error"
+    assert reply.error.code == code
+    assert all(text not in reply.error.reason for text in hidden), reply.error.reason
+
+
+def test_policy_files_load_and_name_unknown_keys(tmp_path: Path) -> None:
+    toml = write_policy(tmp_path / "p.toml", **{"max-epsilon": 3.0, "key-policies": ["fedpir", "fedbn"],
+                                                "metrics": {"psnr": "noise"}})
+    policy = load_policy(toml)
+    assert policy.max_epsilon == 3.0 and policy.key_policies == ("fedpir", "fedbn") and policy.metrics == {"psnr": "noise"}
+    (tmp_path / "p.json").write_text(json.dumps(policy.to_mapping()))
+    assert load_policy(tmp_path / "p.json") == policy and policy.sha256 != DEFAULT_POLICY.sha256
+    example = load_policy(Path(__file__).resolve().parents[2] / "deploy" / "privacy_policy.example.toml")
+    assert example.max_epsilon == 4.0 and example.metrics["loss_"] == "drop"
+    with pytest.raises(ValueError, match="unknown key 'max-epsilom'"):
+        load_policy(write_policy(tmp_path / "bad.toml", **{"max-epsilom": 3.0}))
+    with pytest.raises(ValueError, match="metric modes"):
+        SitePolicy(metrics={"dice": "exactly"})
+    assert policy_of_node({"data-dir": "/data"}) == DEFAULT_POLICY  # a hospital's node names none: the safe default
+    assert policy_of_node({"partition-id": 0}) != DEFAULT_POLICY  # the simulation's synthetic sites
+
+
+@pytest.mark.parametrize(("request_", "rule"), [
+    ({"dp": False}, "dp-required"),
+    ({"epsilon_budget": 50.0}, "max-epsilon"),
+    ({"secret_noise": False}, "secret-noise"),
+    ({"key_policy": "fedavg"}, "key-policy"),
+    ({"noise_multiplier": 0.05}, "min-noise-multiplier"),
+    ({"delta": 1e-3}, "max-delta"),
+])
+def test_requests_outside_the_policy_are_refused_and_nothing_leaves(tmp_path: Path, site_dir: Path, request_: dict,
+                                                                   rule: str) -> None:
+    policy = write_policy(tmp_path / "policy.toml", **{"max-epsilon": 6.0, "min-noise-multiplier": 0.5})
+    state = tmp_path / "state"
+    reply = send("train", settings_for(tmp_path, **request_), site_dir, state, policy)
+    assert_refused(reply, POLICY_REFUSED, str(site_dir), str(state))
+    assert f"rule {rule}" in reply.error.reason
+    assert not (state / LEDGER_NAME).exists() and not (state / "local_state.pt").exists(), "nothing trained"
+
+
+def test_a_request_inside_the_policy_trains_and_sends_only_shared_weights(tmp_path: Path, site_dir: Path) -> None:
+    settings = settings_for(tmp_path, epsilon_budget=6.0)
+    policy = write_policy(tmp_path / "policy.toml", **{"max-epsilon": 6.0})
+    reply = send("train", settings, site_dir, tmp_path / "state", policy)
+    assert not reply.has_error()
+    model = build_model(settings)
+    assert set(reply.content["arrays"].keys()) == set(model.key_groups().shared)
+    metrics = dict(reply.content["metrics"])
+    assert not [k for k in metrics if k.startswith("loss")], "training losses stay at the site by default"
+    assert metrics[NUM_EXAMPLES_KEY] == 6 and 0 < metrics["epsilon"] <= 6.0
+    entry = json.loads((tmp_path / "state" / LEDGER_NAME).read_text().splitlines()[-1])
+    assert entry["policy_sha256"] == load_policy(policy).sha256 and entry["site_budget"] == 6.0
+
+
+def test_the_budget_is_bound_to_the_ledger_and_only_lowers(tmp_path: Path, site_dir: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    state, policy = tmp_path / "state", tmp_path / "policy.toml"
+    write_policy(policy, **{"max-epsilon": 6.0})
+    assert not send("train", settings_for(tmp_path, "run1", epsilon_budget=6.0), site_dir, state, policy).has_error()
+    # the hospital raises its policy's maximum: the ledger keeps the site at 6
+    write_policy(policy, **{"max-epsilon": 20.0})
+    reply = send("train", settings_for(tmp_path, "run2", epsilon_budget=20.0), site_dir, state, policy)
+    assert_refused(reply, POLICY_REFUSED)
+    assert "rule max-epsilon" in reply.error.reason
+    # lowering works, and binds from then on
+    write_policy(policy, **{"max-epsilon": 5.0})
+    assert not send("train", settings_for(tmp_path, "run3", epsilon_budget=5.0), site_dir, state, policy).has_error()
+    write_policy(policy, **{"max-epsilon": 6.0})
+    assert_refused(send("train", settings_for(tmp_path, "run4", epsilon_budget=6.0), site_dir, state, policy),
+                   POLICY_REFUSED)
+    entries = [json.loads(line) for line in (state / LEDGER_NAME).read_text().splitlines()]
+    assert [e["site_budget"] for e in entries] == [6.0, 5.0] == [e["epsilon_budget"] for e in entries]
+    result = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME))
+    assert result.ok, [f.line("ledger") for f in result.failures]
+    # the admin's view: the policy in force, its hash, and the budget the ledger binds
+    capsys.readouterr()
+    assert main(["site", "policy", str(policy), "--state", str(state)]) == 0
+    out = capsys.readouterr().out
+    assert load_policy(policy).sha256 in out and "site budget epsilon 5 (policy 6.0, ledger 5.0)" in out
+    (state / LEDGER_NAME).write_text((state / LEDGER_NAME).read_text().replace('"site_budget": 5.0', '"site_budget": 9.0'))
+    assert main(["site", "policy", str(policy), "--state", str(state)]) == 2
+    assert "entry 2 breaks the signature rule" in capsys.readouterr().err
+
+
+def test_a_missing_or_edited_ledger_stops_training(tmp_path: Path, site_dir: Path) -> None:
+    state, ledger = tmp_path / "state", tmp_path / "state" / LEDGER_NAME
+    settings = settings_for(tmp_path)
+    assert not send("train", settings, site_dir, state).has_error()
+    honest = ledger.read_text()
+    entry = json.loads(honest)
+    ledger.write_text(json.dumps(entry | {"epsilon": entry["epsilon"] / 2}) + "\n")  # the site "spent less"
+    assert_refused(send("train", settings, site_dir, state), LEDGER_UNTRUSTED)
+    assert_refused(send("train", settings_for(tmp_path, "restarted"), site_dir, state), LEDGER_UNTRUSTED)
+    ledger.unlink()
+    assert_refused(send("train", settings, site_dir, state), LEDGER_UNTRUSTED)
+    assert_refused(send("train", settings_for(tmp_path, "restarted-2"), site_dir, state), LEDGER_UNTRUSTED)
+    assert_refused(send("evaluate", settings, site_dir, state), LEDGER_UNTRUSTED)
+    ledger.write_text(honest)  # the admin restores the ledger: the site trains again
+    assert not send("train", settings, site_dir, state).has_error()
+
+
+def test_a_site_another_worker_trained_is_reloaded_not_refused(tmp_path: Path, site_dir: Path) -> None:
+    settings, state = settings_for(tmp_path), tmp_path / "state"
+    assert not send("train", settings, site_dir, state).has_error()
+    this_worker = dict(client_app._SITES)
+    client_app._SITES.clear()  # a second worker process of the same node trains the next round
+    assert not send("train", settings, site_dir, state).has_error()
+    client_app._SITES.update(this_worker)  # back to the first worker, whose copy is a round behind
+    reply = send("train", settings, site_dir, state)
+    assert not reply.has_error()
+    entries = [json.loads(line) for line in (state / LEDGER_NAME).read_text().splitlines()]
+    assert len(entries) == 3 and reply.content["metrics"]["epsilon"] == entries[-1]["epsilon"] > entries[1]["epsilon"]
+    assert verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME)).ok
+
+
+def test_error_replies_carry_a_code_and_no_details(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-site"
+    reply = send("train", settings_for(tmp_path), missing, tmp_path / "state")
+    assert_refused(reply, DATA_UNAVAILABLE, str(missing), "no-such-site")
+    # a hospital's node without a state folder of its own would start a fresh ledger in every run folder
+    assert_refused(send("train", settings_for(tmp_path), missing, None), SITE_ERROR)
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_not_declared_never_leave() -> None:
+    out = release({"dice": 0.4321, "loss_total": 1.234, "seconds": 3.0, "n_patients": 6.0, "epsilon": 1.5,
+                   NUM_EXAMPLES_KEY: 6, "has-modality.t1": 1.0, "psnr": 17.3}, DEFAULT_POLICY, n_patients=6,
+                  budget=None, message="evaluate")
+    assert out == {"dice": 0.45, "epsilon": 1.5, "seconds": 3.0, NUM_EXAMPLES_KEY: 6, "has-modality.t1": 1.0,
+                   "psnr": 17.0}
+
+
+def crafted_probe(tmp_path: Path, site_dir: Path, policy: Path | None) -> tuple[dict[str, float], list[Message]]:
+    """The crafted evaluate probe: the server sends three evaluate requests with weights of its
+    choosing (all zero) to a site with two held-out patients. Returns the exact held-out metrics
+    under those weights (what the site computes) and the three replies."""
+    settings = settings_for(tmp_path)
+    model = build_model(settings)
+    crafted = {k: v * 0 for k, v in model.state_dict().items() if k in set(model.federated_keys("fedpir"))}
+    reference = Site(settings, site_dir, tmp_path / "reference", "reference")
+    reference.load_global(crafted)
+    exact = reference.evaluate("finetune")
+    assert len(reference.holdout_set) == 2
+    replies = [send("evaluate", settings, site_dir, tmp_path / "state", policy, ArrayRecord(crafted)) for _ in range(3)]
+    return exact, replies
+
+
+def test_crafted_evaluate_probe_no_longer_recovers_a_patient_statistic(tmp_path: Path, site_dir: Path) -> None:
+    exact, replies = crafted_probe(tmp_path, site_dir, None)
+    first, *rest = replies
+    assert all(r.has_error() and r.error.code == RATE_LIMITED and not r.has_content() for r in rest)
+    released = dict(first.content["metrics"])
+    print(f"\nprobe, default policy: exact psnr {exact['psnr']:.6f} loss {exact['loss']:.6f}; "
+          f"released {released}")
+    assert "loss" not in released
+    assert math.isfinite(exact["psnr"]) and abs(released["psnr"] - exact["psnr"]) > 1e-4
+    assert released["psnr"] == round(released["psnr"])  # coarsened to 1 dB
+
+
+def test_noised_metrics_are_paid_for_in_the_ledger(tmp_path: Path, site_dir: Path) -> None:
+    policy = write_policy(tmp_path / "policy.toml", **{"evaluations-per-round": 3, "metric-noise-multiplier": 2.0,
+                                                       "metrics": {"*": "drop", "psnr": "noise", "loss": "noise"}})
+    exact, replies = crafted_probe(tmp_path, site_dir, policy)
+    assert not any(r.has_error() for r in replies)
+    released = [dict(r.content["metrics"]) for r in replies]
+    estimate = {k: sum(r[k] for r in released) / 3 for k in ("psnr", "loss")}
+    print(f"\nprobe, noised: exact psnr {exact['psnr']:.6f} loss {exact['loss']:.6f}; mean of 3 replies {estimate}")
+    assert all(set(r) & {"dice", "ssim"} == set() for r in released)
+    assert abs(estimate["psnr"] - exact["psnr"]) > 1e-3 and abs(estimate["loss"] - exact["loss"]) > 1e-3
+    state = tmp_path / "state"
+    entries = [json.loads(line) for line in (state / LEDGER_NAME).read_text().splitlines()]
+    assert [(e["objective"], e["steps"], e["sample_rate"]) for e in entries] == [(RELEASE_OBJECTIVE, 2, 1.0)] * 3
+    result = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME))
+    assert result.ok and result.epsilon is not None and result.epsilon > 0, [f.line("l") for f in result.failures]
