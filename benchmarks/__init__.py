@@ -1,2 +1,3 @@
-"""fedpir's benchmarks. ``python -m benchmarks`` runs the cost benchmarks (benchmarks/cost/__main__.py);
-the older experiment scripts in this folder run as ``python benchmarks/<name>.py``."""
+"""fedpir's benchmarks. ``python -m benchmarks`` runs the cost benchmarks (benchmarks/cost/); the research
+experiments run as ``python benchmarks/experiments/<name>.py``; ``python -m benchmarks.results_page`` makes
+docs/results.md from the committed results."""

@@ -7,85 +7,104 @@ checks that pyproject.toml lists the same keys and values.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedpir.alignment.maps import METHODS, POOLINGS
-from fedpir.alignment.text import ENCODERS
-from fedpir.models.groups import KEY_POLICIES, TASKS
+from fedpir.alignment.choices import ENCODERS, METHODS, POOLINGS
+from fedpir.models.groups import KEY_POLICIES, PARAMETER_GROUPS, TASKS, TRAINABLE_PRESETS, trainable_groups
 from fedpir.synthetic.sizes import site_sizes
-from fedpir.wire.protocol import check_transfer_dtype
+from fedpir.wire.protocol import TRANSFER_DTYPES
 
+#: The strategies a run may name (fedpir.strategies.factory builds each; a test keeps the two equal).
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimmed", "median", "modality")
 #: Strategies whose aggregation is the weighted mean that SecAgg+ computes (the others need the
 #: individual updates: median, trimmed mean, the modality-aware mean, server optimizers).
 SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+#: Opacus accountants (fedpir.privacy.dp).
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+#: fedpir's folder in the user's home: runs that name no run folder, cached public warm starts.
+STATE_ROOT = Path.home() / ".fedpir"
 #: Where a run that names no run folder writes, in a folder of its own (``run-<Flower run id>``).
-RUNS_ROOT = Path.home() / ".fedpir" / "runs"
+RUNS_ROOT = STATE_ROOT / "runs"
 #: Settings that do not change what a run computes, so a resumed run may differ in them.
 NOT_IN_FINGERPRINT: tuple[str, ...] = ("run_dir", "round_timeout", "device", "warm_start")
 
 
+def knob(default: Any, help: str, *, choices: Sequence[str] = (), flag: str = "") -> Any:
+    """A field of :class:`RunSettings`: its default, its help, its valid values (checked on every
+    construction) and, where it is not ``--<run-config key>``, its command-line flag (a switch for a
+    bool: it flips the default). The commands derive their flags from these (fedpir.commands.flags)."""
+    return field(default=default, metadata={"help": help, "choices": tuple(choices), "flag": flag})
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    """Every knob of a federated run, with CPU-friendly defaults."""
+    """Every knob of a federated run, with CPU-friendly defaults (each declared once, here)."""
 
-    federation_dir: str = ""  # empty: synthetic federation under run_dir/federation
-    run_dir: str = ""  # empty: a new folder RUNS_ROOT/run-<Flower run id> (see with_run_folder)
-    seed: int = 0
-    num_sites: int = 4
-    subjects_per_site: str = "6,9,12,21"  # synthetic sites' patients: one number, or a list cycled over the sites
-    volume_size: int = 24
-    modalities: str = "t1,t2,flair,pd"
-    pretrain_rounds: int = 0  # private pretraining rounds (the public warm start is the pretraining)
-    finetune_rounds: int = 4
-    local_epochs: int = 1
-    batch_size: int = 4
-    lr: float = 0.001
-    strategy: str = "fedavg"
-    key_policy: str = "fedpir"
-    dp: bool = True
-    epsilon_budget: float = 8.0
-    noise_multiplier: float = 0.0  # 0: the noise that spends epsilon_budget over all rounds
-    max_grad_norm: float = 1.0
-    delta: float = 0.0  # 0: the ledger's delta, else min(1e-5, 1 / (10 patients))
-    accountant: str = "prv"  # Opacus accountant: prv (tighter) or rdp
-    secret_noise: bool = True  # DP noise and sampling unknowable from the seed (fedpir.privacy.dp.DPConfig)
-    finetune_task: str = "segmentation"
-    pretrain_trainable: str = "all"  # parameter groups a pretraining round trains (fedpir.models.pir)
-    finetune_trainable: str = "norms,adapters,prior,task_out"  # ... a fine-tuning round (docs/results/dp_recipe.json)
-    mim: bool = False  # Alice's masked image modelling term in pretraining
-    anatomical: bool = False  # Alice's anatomical contrast term in pretraining
-    proximal_mu: float = 0.0  # FedProx: the server sends it, sites pull towards the global weights
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-    warm_start: str = ""  # public warm-start file (fedpir.models.warm_start); empty: random initialisation
-    warm_start_sha256: str = ""  # its checksum, checked by the server and every site
-    augment_views: int = 2  # fine-tuning: augmented views averaged per patient before clipping (0: none)
-    invariance_weight: float = 1.0  # weight of the invariance term (0: the fedpir-noinv ablation)
-    transfer_dtype: str = "float32"  # how a site sends its shared weights: float32, float16, int8 (fedpir.wire.transfer)
-    align: bool = False  # after the last round, the alignment stage (fedpir.server.alignment; docs/alignment.md)
-    align_method: str = "procrustes"  # the map T: procrustes, lstsq, ridge (fedpir.alignment.maps)
-    align_pooling: str = "mean"  # a patient as one vector: X_h mean, max, meanmax; or lesion (fedpir.alignment.anchors)
-    text_encoder: str = "auto"  # report embeddings: auto (MiniLM when installed), minilm, hashed (fedpir.alignment.text)
-    secure_aggregation: bool = False  # SecAgg+: the server learns only the sum of the updates (fedpir.privacy.secure_aggregation)
-    secagg_clipping_range: float = 1.0  # SecAgg+ clips each update value x num-examples / secagg-max-weight to +-this
-    secagg_max_weight: float = 100.0  # SecAgg+ weight scale (patients); a site above it is clipped harder
-    distributed_noise: bool = False  # with secure-aggregation: each site adds noise std sigma/sqrt(min-sites)
-    min_sites: int = 2
-    round_timeout: float = 600.0
+    federation_dir: str = knob("", "federation folder (one sub-folder per site); empty: a synthetic one under the run folder")
+    run_dir: str = knob("", "run folder (checkpoints, metrics, model); empty: a new folder ~/.fedpir/runs/run-<Flower run id>")
+    seed: int = knob(0, "seed of the synthetic federation, the initialisation and the public corpus")
+    num_sites: int = knob(4, "synthetic sites", flag="--sites")
+    subjects_per_site: str = knob("6,9,12,21", "patients per synthetic site: one number, or a comma list cycled over the sites",
+                                  flag="--subjects")
+    volume_size: int = knob(24, "model grid edge in voxels (volumes are resampled to it)", flag="--size")
+    modalities: str = knob("t1,t2,flair,pd", "the federation's modality vocabulary, in model channel order")
+    pretrain_rounds: int = knob(0, "private pretraining rounds (the public warm start is the pretraining)")
+    finetune_rounds: int = knob(4, "private fine-tuning rounds")
+    local_epochs: int = knob(1, "local epochs per round")
+    batch_size: int = knob(4, "expected patients per batch")
+    lr: float = knob(0.001, "learning rate")
+    strategy: str = knob("fedavg", "server strategy of the federated methods", choices=STRATEGIES)
+    key_policy: str = knob("fedpir", "which state-dict keys a site sends (PIRNet.federated_keys)", choices=KEY_POLICIES)
+    dp: bool = knob(True, "patient-level DP-SGD (off: train without differential privacy)")
+    epsilon_budget: float = knob(8.0, "privacy budget per site (epsilon)", flag="--epsilon")
+    noise_multiplier: float = knob(0.0, "fixed DP noise multiplier; 0: the noise that spends the budget over all rounds")
+    max_grad_norm: float = knob(1.0, "per-patient clipping bound")
+    delta: float = knob(0.0, "DP delta; 0: the ledger's, else min(1e-5, 1 / (10 patients))")
+    accountant: str = knob("prv", "Opacus accountant (prv is tighter)", choices=ACCOUNTANTS)
+    secret_noise: bool = knob(True, "seed DP noise and sampling from OS entropy; off (--reproducible-noise): from --seed, so "
+                                    "that a run repeats (experiments only: whoever knows the seed can replay the noise)",
+                              flag="--reproducible-noise")
+    finetune_task: str = knob("segmentation", "fine-tuning task", choices=TASKS, flag="--task")
+    pretrain_trainable: str = knob("all", "parameter groups a pretraining round trains: a preset "
+                                          f"({', '.join(TRAINABLE_PRESETS)}) or a comma list of {', '.join(PARAMETER_GROUPS)}")
+    finetune_trainable: str = knob("norms,adapters,prior,task_out", "parameter groups a fine-tuning round trains "
+                                                                   "(as --pretrain-trainable; head: the task head only)")
+    mim: bool = knob(False, "add Alice's masked-image-modelling term to pretraining")
+    anatomical: bool = knob(False, "add Alice's anatomical-contrast term to pretraining")
+    proximal_mu: float = knob(0.0, "FedProx mu (with strategy fedprox): sites pull towards the global weights")
+    device: str = knob("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    warm_start: str = knob("", "public warm-start file (fedpir pretrain-public); empty: random initialisation")
+    warm_start_sha256: str = knob("", "the warm start's SHA-256, checked by the server and every site")
+    augment_views: int = knob(2, "fine-tuning: augmented views averaged per patient before clipping (0: none)")
+    invariance_weight: float = knob(1.0, "weight of the invariance term (0: the fedpir-noinv ablation)")
+    transfer_dtype: str = knob("float32", "how sites send their shared weights (float16/int8 halve/quarter the bytes)",
+                               choices=TRANSFER_DTYPES)
+    align: bool = knob(False, "after the last round, the alignment stage (docs/alignment.md)")
+    align_method: str = knob("procrustes", "the alignment map T", choices=[m for m in METHODS if m != "identity"])
+    align_pooling: str = knob("mean", "a patient as one vector: X_h mean, max, meanmax; or lesion", choices=POOLINGS)
+    text_encoder: str = knob("auto", "report embeddings: auto (MiniLM when installed), minilm, hashed", choices=ENCODERS)
+    secure_aggregation: bool = knob(False, "SecAgg+: the server learns only the sum of the updates")
+    secagg_clipping_range: float = knob(1.0, "SecAgg+ clips each update value x num-examples / secagg-max-weight to +-this")
+    secagg_max_weight: float = knob(100.0, "SecAgg+ weight scale (patients); a site above it is clipped harder")
+    distributed_noise: bool = knob(False, "with secure aggregation: each site adds noise std sigma/sqrt(min-sites)")
+    min_sites: int = knob(2, "sites a round needs")
+    round_timeout: float = knob(600.0, "seconds the server waits for a round's replies")
 
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.key_policy not in KEY_POLICIES:
-            raise ValueError(f"key-policy {self.key_policy!r} unknown; valid: {', '.join(KEY_POLICIES)}")
-        if self.finetune_task not in TASKS:
-            raise ValueError(f"finetune-task must be segmentation or classification, not {self.finetune_task!r}")
-        check_transfer_dtype(self.transfer_dtype)
+        for f in fields(self):
+            value, valid = getattr(self, f.name), f.metadata["choices"]
+            if valid and value not in valid:
+                raise ValueError(f"{f.name.replace('_', '-')} {value!r} unknown; valid: {', '.join(valid)}")
+        for spec in (self.pretrain_trainable, self.finetune_trainable):
+            trainable_groups(spec)
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         site_sizes(self.subjects_per_site, self.num_sites)  # raises on a bad size list
-        _check_alignment(self)
         self._check_secure_aggregation()
 
     def _check_secure_aggregation(self) -> None:
@@ -110,8 +129,11 @@ class RunSettings:
             name = key.replace("-", "_")
             if name not in known:
                 raise ValueError(f"unknown run-config key {key!r}; known: {', '.join(to_flower_keys(known))}")
-            default = getattr(cls, name)
-            values[name] = type(default)(value) if not isinstance(default, bool) else _as_bool(value)
+            kind = type(getattr(cls, name))
+            try:
+                values[name] = _as_bool(value) if kind is bool else kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"run-config key {key!r} wants {kind.__name__}, got {value!r}") from None
         return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:
@@ -152,15 +174,6 @@ class RunSettings:
     def federation_path(self) -> Path:
         """Folder of the federation (one sub-folder per site)."""
         return Path(self.federation_dir).expanduser() if self.federation_dir else self.run_path / "federation"
-
-
-def _check_alignment(settings: RunSettings) -> None:
-    """Raise ValueError naming the alignment setting that is not one of its choices."""
-    for key, value, valid in (("align-method", settings.align_method, [m for m in METHODS if m != "identity"]),
-                              ("align-pooling", settings.align_pooling, POOLINGS),
-                              ("text-encoder", settings.text_encoder, ENCODERS)):
-        if value not in valid:
-            raise ValueError(f"{key} {value!r} unknown; valid: {', '.join(valid)}")
 
 
 def to_flower_keys(names: Any) -> list[str]:

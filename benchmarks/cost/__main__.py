@@ -5,7 +5,7 @@ cost table.
 
     python -m benchmarks [--device cpu] [--only overhead,dp_cost] [--results docs/results/benchmarks.jsonl]
 
-``python -m benchmarks.cost.cost_table --readme README.md`` writes the table into the README.
+``python -m benchmarks.results_page`` puts the table of the committed records on docs/results.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from benchmarks.cost.common import RUN_ID_ENV, parser
 from benchmarks.cost.cost_table import table
 
 #: The benchmarks, in the order they run (cheap and independent first).
-BENCHMARKS: tuple[str, ...] = ("secure_aggregation", "data_path", "dp_cost", "overhead", "communication", "scale")
+BENCHMARKS: tuple[str, ...] = ("cli", "secure_aggregation", "data_path", "dp_cost", "overhead", "communication", "scale")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

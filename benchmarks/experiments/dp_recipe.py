@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from fedpir.simulation.cross_modal import site_cross_modal
 from fedpir.simulation.warm_starts import cached_warm_start
 from fedpir.synthetic.federation import EVAL_DIR
 from fedpir.synthetic.prepare import synthetic_federation
-from fedpir.training.warm_start import RECIPE
+from fedpir.training.recipe import RECIPE
 from fedpir.wire.protocol import STAGES
 
 #: Configurations: overrides of the default RunSettings ("warm": start from the public warm start,
@@ -263,7 +263,7 @@ def write(args: argparse.Namespace, built: dict[int, dict[str, tuple[str, str]]]
                 summary[c] |= {f"{key}_mean": float(np.nanmean(values)),
                                f"{key}_sd": float(np.nanstd(values, ddof=1)) if values.size > 1 else 0.0}
     out = {"command": shlex.join(["python", "benchmarks/experiments/dp_recipe.py", *(sys.argv[1:] if argv is None else argv)]),
-           "defaults": RunSettings().to_run_config(), "warm_start_recipe": RECIPE,
+           "defaults": RunSettings().to_run_config(), "warm_start_recipe": asdict(RECIPE),
            "warm_starts": {str(seed): {key: sha for key, (_, sha) in ws.items()} for seed, ws in built.items()},
            "device": args.device, "public_seed_per_run": args.public_seed_per_run, "summary": summary, "runs": results}
     if args.out:

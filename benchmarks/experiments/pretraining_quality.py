@@ -23,7 +23,7 @@ is measured every ``--eval-every`` epochs and summarised over seeds as the paire
 pretraining patient-level DP-SGD at ``--epsilon`` (planned over all its rounds).
 
 The setting of docs/results/pretraining_quality.json (30-40 min on one CPU thread; the slow test
-runs it; variants with both fine-tuning modes, lr 0.01 and DP pretraining are in
+runs the command that file records; variants with both fine-tuning modes, lr 0.01 and DP pretraining are in
 docs/results/pretraining_quality_variants/, each JSON with its command):
 
     python benchmarks/experiments/pretraining_quality.py --size 32 --pretrain-epochs 20 --finetune-epochs 150 \
@@ -61,11 +61,6 @@ from fedpir.training.trainer import LocalTrainer
 
 #: How the encoder is fine-tuned, with the plot's panel title of each mode.
 FINETUNE_MODES: dict[str, str] = {"frozen": "encoder frozen (head only)", "full": "encoder fine-tuned too"}
-#: The setting of docs/results/pretraining_quality.json (see the module doc), used by the slow test.
-SLOW_TEST_SETTINGS: dict[str, Any] = {
-    "pretrain_epochs": 20, "finetune_epochs": 150, "finetune_lr": 1e-3, "finetune_seeds": (0, 1, 2, 3, 4, 5),
-    "finetune_modes": ("full",),
-}
 
 
 @dataclass
@@ -234,7 +229,8 @@ def finetune_dice(
 ) -> dict[str, Any]:
     """Fine-tune segmentation (non-private, data order from ``seed``; ``mode`` "frozen": the head
     only, "full": encoder too) for ``finetune_epochs``; Dice on ``test`` (its lesion patients)
-    every ``eval_every`` epochs and at the end."""
+    every ``eval_every`` epochs and at the end, and the top-level modules whose weights moved."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = LocalTrainer(
         model, labelled, dp=DPConfig(enabled=False), batch_size=settings.batch_size, lr=settings.finetune_lr, seed=seed
     )
@@ -247,8 +243,9 @@ def finetune_dice(
                                       groups=trainable_groups("head" if mode == "frozen" else "all"))
         seconds += metrics["seconds"]
         curve[done + epochs] = evaluate_model(model, loader)["dice"]
+    moved = sorted({k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])})
     return {"dice": curve[settings.finetune_epochs], "dice_by_epoch": curve,
-            "train_loss_last_round": metrics["loss_segmentation"], "seconds": seconds}
+            "train_loss_last_round": metrics["loss_segmentation"], "moved": moved, "seconds": seconds}
 
 
 def compare(arms: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -389,7 +386,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, out = parse_args(argv)
+    try:
+        settings, out = parse_args(argv)
+    except ValueError as err:  # a setting Settings refuses: one line, no traceback
+        print(f"pretraining_quality.py: {err}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="fedpir-quality-") as tmp:
         result = run(settings, Path(tmp))
     script = "benchmarks/experiments/pretraining_quality.py"

@@ -1,4 +1,4 @@
-"""The README's results table, generated from `fedpir simulate` outputs over several seeds.
+"""The default simulation's tables, from `fedpir simulate` outputs over several seeds (docs/results.md).
 
     python benchmarks/experiments/results_table.py docs/results/default_simulation/seed-*/summary.json \
         --no-dp docs/results/default_simulation/no-dp/seed-*.json
@@ -6,16 +6,21 @@
 Prints Markdown: per method, the mean held-out lesion Dice over sites (mean ± sd over the runs) and
 Dice on seen / unseen single input modalities; then each site's held-out Dice (sites differ in size);
 then the targets of the issue tracker checked against the measured means, with each gap per seed.
+``python -m benchmarks.results_page`` puts the same tables on docs/results.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
+
+#: Methods that start from the same public warm start as fedpir (fedpir-noinv has its own; scratch none).
+SAME_START = ("fedavg", "fedbn", "local", "centralized")
 
 
 def per_run(summary: dict) -> dict[str, dict[str, float]]:
@@ -42,17 +47,16 @@ def paired(runs: list[dict[str, dict[str, float]]], other: str, key: str) -> str
     return ", ".join(f"{r['fedpir'][key] - r[other][key]:+.3f}" for r in runs if other in r and "fedpir" in r)
 
 
-def main(argv: list[str]) -> int:
-    paths, no_dp = (argv[: argv.index("--no-dp")], argv[argv.index("--no-dp") + 1 :]) if "--no-dp" in argv else (argv, [])
-    runs = [per_run(json.loads(Path(p).read_text())) for p in paths]
-    fedpir_no_dp = [per_run(json.loads(Path(p).read_text()))["fedpir"]["dice"] for p in no_dp]
+def tables(summaries: list[dict], no_dp: list[dict]) -> list[str]:
+    """The three tables (methods, sites, targets) of runs over seeds, with fedpir's no-DP runs beside them."""
+    runs = [per_run(s) for s in summaries]
+    fedpir_no_dp = [per_run(s)["fedpir"]["dice"] for s in no_dp]
     methods = list(runs[0])
     lines = [f"Mean over {len(runs)} seeds (± sd); Dice is the mean over sites of held-out lesion Dice.", "",
              "| method | held-out Dice | Dice, seen input modality | Dice, unseen input modality |", "|---|---|---|---|"]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(fmt([r[m][k] for r in runs if m in r]) for k in ("dice", "seen", "unseen"))
                      + " |")
-    summaries = [json.loads(Path(p).read_text()) for p in paths]
     sites = sorted(summaries[0]["final"][methods[0]])
     sizes = summaries[0].get("settings", {}).get("subjects-per-site", "")
     lines += ["", f"Held-out Dice per site (patients per site: {sizes}; mean over the seeds):", "",
@@ -81,7 +85,32 @@ def main(argv: list[str]) -> int:
             checks.append(("fedpir unseen / seen >= 0.8", f["unseen"] / f["seen"], f["unseen"] / f["seen"] >= 0.8, ""))
     lines += ["", "| target | measured | met | fedpir minus it, per seed |", "|---|---|---|---|"]
     lines += [f"| {name} | {value:.3f} | {'yes' if ok else 'no'} | {seeds} |" for name, value, ok, seeds in checks]
-    print("\n".join(lines))
+    return lines
+
+
+def largest_tie_gap(summaries: list[dict], no_dp: list[dict]) -> float:
+    """The largest |method - fedpir| of held-out Dice on any seed, over the methods that start from fedpir's
+    warm start (:data:`SAME_START`) and the no-DP runs of the same seed."""
+    gaps = []
+    for private, public in zip(summaries, no_dp or [{}] * len(summaries), strict=True):
+        runs = per_run(private)
+        others = [runs[m]["dice"] for m in SAME_START if m in runs]
+        others += [r["dice"] for r in per_run(public).values()] if public else []
+        gaps += [abs(d - runs["fedpir"]["dice"]) for d in others]
+    return max(gaps)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("summaries", nargs="+", type=Path, help="summary.json of each seed's `fedpir simulate` run")
+    parser.add_argument("--no-dp", nargs="*", type=Path, default=[], help="fedpir's runs without DP, one JSON per seed")
+    args = parser.parse_args(argv)
+    try:
+        load = [json.loads(p.read_text()) for p in args.summaries], [json.loads(p.read_text()) for p in args.no_dp]
+    except (OSError, ValueError) as err:  # a missing or unreadable file: one line, no traceback
+        print(f"results_table.py: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(tables(*load)))
     return 0
 
 

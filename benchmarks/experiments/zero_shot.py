@@ -117,6 +117,14 @@ def federation_splits(seed: int, args: argparse.Namespace, workdir: Path,
     return vocab, trains, tests
 
 
+def split_record(train: Subset, test: Subset) -> dict[str, Any]:
+    """What the split of one site held out: its test subjects, and each side's patients and lesion-bearing ones."""
+    records = test.dataset.records  # type: ignore[attr-defined]
+    return {"test_subjects": [records[i].subject_id for i in test.indices],
+            "patients": {"train": len(train), "test": len(test)},
+            "lesion": {"train": int(task_labels(train, "lesion").sum()), "test": int(task_labels(test, "lesion").sum())}}
+
+
 #: Percentiles of each modality's normalized intensities in the ``intensity`` control.
 INTENSITY_PERCENTILES = (50, 90, 95, 99, 99.9)
 
@@ -183,7 +191,8 @@ def run_seed(seed: int, args: argparse.Namespace, encoders: dict[str, Any], work
     model = warm or PIRNet(PIRConfig(vocab, spatial_size=(args.size,) * 3))
     out: dict[str, Any] = {"seed": seed, "n_train": len(train_y["lesion"]), "n_test": len(test_y["lesion"]),
                            "test_positive": {t: int(y.sum()) for t, y in test_y.items()},
-                           "train_positive": {t: int(y.sum()) for t, y in train_y.items()}, "results": []}
+                           "train_positive": {t: int(y.sum()) for t, y in train_y.items()},
+                           "sites": [split_record(tr, te) for tr, te in zip(trains, tests, strict=True)], "results": []}
     if warm_sha:
         out["warm_start_sha256"] = warm_sha
     stages = [("warm-start", 0)] if warm else [("random", 0), ("pretrained", args.pretrain_epochs)]
@@ -283,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma list; each seeds federation, model and pretraining")
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--subjects", type=int, default=24, help="subjects per site")
-    parser.add_argument("--held-out", type=int, default=6, help="test subjects per site (the last ones)")
+    parser.add_argument("--held-out", type=int, default=6, help="test subjects per site (drawn at random, stratified by lesion)")
     parser.add_argument("--size", type=int, default=24, help="volume edge in voxels")
     parser.add_argument("--encoder", choices=("pretrain", "warm-start"), default="pretrain",
                         help="pretrain a PIRNet here (self-supervised), or embed with the public warm start")

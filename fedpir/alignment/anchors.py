@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fedpir.alignment.maps import POOLINGS, AlignmentStatistics
+from fedpir.alignment.choices import POOLINGS
+from fedpir.alignment.maps import AlignmentStatistics
 from fedpir.alignment.text import TextEncoder
 from fedpir.data.dataset import SiteDataset
 from fedpir.models.evaluation import embed

@@ -35,15 +35,8 @@ from typing import Any
 
 import numpy as np
 
-#: How a patient becomes one vector: X_h pooled over space by "mean"
-#: (``fedpir.models.evaluation.embed``), "max" (the largest response of each channel: a small focal
-#: finding is not averaged away) or "meanmax" (both, concatenated: [2C]); or "lesion": what the
-#: segmentation head computes from X_h and the encoder skips, reduced to [2] = (the largest lesion
-#: logit, the mean lesion probability = the predicted lesion volume fraction). "lesion" is only
-#: meaningful for a model whose segmentation head was trained (the public warm start, a segment task).
-POOLINGS: tuple[str, ...] = ("mean", "max", "meanmax", "lesion")
+from fedpir.alignment.choices import METHODS
 
-METHODS: tuple[str, ...] = ("procrustes", "lstsq", "ridge", "identity")
 #: Standard deviations below this (relative to the largest of the space) count as constant
 #: dimensions; they are divided by 1 instead of ~0.
 STD_FLOOR = 1e-8

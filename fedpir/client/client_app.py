@@ -21,6 +21,7 @@ run's settings first. A deployed SuperNode never takes that path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,16 @@ def admitted_site(context: Context, settings: RunSettings | None) -> tuple[Site,
     return site_for(context, settings), policy
 
 
+def site_with_global(msg: Message, context: Context, settings: RunSettings | None,
+                     admit: Callable[[SitePolicy, Site], None]) -> tuple[Site, SitePolicy]:
+    """The admitted site and its policy, once ``admit`` let the request through, with the message's
+    global weights loaded (the prologue of every handler but train's)."""
+    site, policy = admitted_site(context, settings)
+    admit(policy, site)
+    site.load_global(msg.content["arrays"].to_torch_state_dict())
+    return site, policy
+
+
 def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None = None,
                     inner_mods: list[Mod] | None = None) -> ClientApp:
     """A ClientApp; ``settings`` fixes the run settings (else they come from Flower's run config).
@@ -180,9 +191,7 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
     @answered
     def evaluate(msg: Message, context: Context) -> Message:
         """Evaluate the global weights (with this site's local layers) on its held-out patients."""
-        site, site_policy = admitted_site(context, settings)
-        admit_evaluation(site_policy, site)
-        site.load_global(msg.content["arrays"].to_torch_state_dict())
+        site, site_policy = site_with_global(msg, context, settings, admit_evaluation)
         with torch.no_grad():
             metrics = site.evaluate(str(msg.content["config"][STAGE_KEY]))
         return _reply(msg, site, site_policy, metrics, len(site.holdout_set), None)
@@ -191,9 +200,7 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
     @answered
     def alignment_statistics(msg: Message, context: Context) -> Message:
         """With the global weights, the sufficient statistics of the site's anchors (if its policy lets them leave)."""
-        site, site_policy = admitted_site(context, settings)
-        admit_alignment(site_policy, site)
-        site.load_global(msg.content["arrays"].to_torch_state_dict())
+        site, site_policy = site_with_global(msg, context, settings, admit_alignment)
         statistics, described, n = statistics_reply(site, msg.metadata.message_type)
         return _reply(msg, site, site_policy, {}, n, statistics, **{ALIGNMENT_RECORD: described})
 
@@ -201,9 +208,7 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
     @answered
     def zeroshot(msg: Message, context: Context) -> Message:
         """With the global weights and the map T, zero-shot metrics on the site's held-out patients."""
-        site, site_policy = admitted_site(context, settings)
-        admit_evaluation(site_policy, site)
-        site.load_global(msg.content["arrays"].to_torch_state_dict())
+        site, site_policy = site_with_global(msg, context, settings, admit_evaluation)
         amap = map_from_records(msg.content.array_records[MAP_RECORD], msg.content.config_records[ALIGNMENT_RECORD])
         metrics, n = zero_shot_metrics(site, amap)
         return _reply(msg, site, site_policy, metrics, n, None)

@@ -25,10 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedpir.audit.ledger import verify_ledger
-from fedpir.privacy.signing import load_public_key
-
-HELP = "verify a site's privacy ledger (hash chain, signatures, epsilon recomputed with Opacus, budget)"
+from fedpir.commands.flags import add_settings_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_attack_arguments(attack)
 
 
+#: The run settings `fedpir audit attack` offers, and its defaults for them: an overfitting configuration
+#: (a small grid, many epochs of one round, every parameter trained) that runs on a laptop CPU.
+ATTACK_KNOBS: dict[str, object] = {"volume_size": 16, "finetune_task": "classification", "local_epochs": 50,
+                                   "finetune_trainable": "all", "batch_size": 4, "lr": 1e-3, "max_grad_norm": 1.0,
+                                   "device": "cpu"}
+
+
 def _add_attack_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fedpir audit attack` (the fields of AttackStudy)."""
     parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="JSON file of the results")
@@ -58,21 +62,17 @@ def _add_attack_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", type=Path, help="a site folder to attack (default: a synthetic site)")
     parser.add_argument("--patients", type=int, default=32, help="synthetic site's patients, half members (default 32)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic site (default 0)")
-    parser.add_argument("--size", type=int, default=16, help="volume edge in voxels (default 16)")
-    parser.add_argument("--task", default="classification", choices=("classification", "segmentation"),
-                        help="the objective whose per-patient loss is attacked (default classification)")
-    parser.add_argument("--epochs", type=int, default=50, help="local epochs of the one training round (default 50)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--trainable", default="all", help="trained parameter groups (default all)")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="DP clipping bound (default 1.0)")
-    parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_settings_flags(parser.add_argument_group("the attacked model's training (one round; the task's loss is attacked)"),
+                       ATTACK_KNOBS, defaults=ATTACK_KNOBS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `fedpir audit ACTION`; returns the exit code."""
     if args.action == "verify":
+        from fedpir.audit.ledger import verify_ledger
+        from fedpir.privacy.signing import load_public_key
+
         if not args.ledger.is_file():
             raise OSError(f"ledger {args.ledger} is not a file")
         result = verify_ledger(args.ledger, load_public_key(args.public_key))
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         from fedpir.audit.attack_study import AttackStudy, run_study
 
         return run_study(AttackStudy(out=args.out, epsilons=args.epsilons, seeds=args.seeds, site=args.site,
-                                     patients=args.patients, data_seed=args.data_seed, size=args.size, task=args.task,
-                                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                     trainable=args.trainable, max_grad_norm=args.max_grad_norm,
+                                     patients=args.patients, data_seed=args.data_seed, size=args.volume_size,
+                                     task=args.finetune_task, epochs=args.local_epochs, batch_size=args.batch_size,
+                                     lr=args.lr, trainable=args.finetune_trainable, max_grad_norm=args.max_grad_norm,
                                      device=args.device, progress=not args.no_progress))
     raise ValueError(f"unknown audit action {args.action!r}")

@@ -18,8 +18,6 @@ from pathlib import Path
 
 from fedpir.deployment import provision as p
 
-HELP = "federation CA, SuperLink TLS certificate, hospital node keys: init, add, rotate, revoke, list, keygen"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fedpir provision`."""

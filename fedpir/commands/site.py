@@ -2,9 +2,9 @@
 
     fedpir site approve LIST (--app DIR | --fab FILE | --hash SHA256) [--note TEXT]
     fedpir site withdraw LIST SHA256
-    fedpir site status --state DIR [--data DIR] [--approved-apps LIST] [--json]
+    fedpir site status --state-dir DIR [--data-dir DIR] [--approved-apps LIST] [--json]
     fedpir site state-key FILE
-    fedpir site policy [FILE] [--state DIR]
+    fedpir site policy [FILE] [--state-dir DIR]
 
 ``approve`` adds a FAB hash to the allow-list the node config names (``approved-apps=LIST``; see
 fedpir.deployment.approval). ``status`` reads only local files: the privacy ledger of the state
@@ -12,7 +12,7 @@ folder (rounds, epsilon spent of the budget), how the state is stored at rest (e
 permissions), the data folder's validation, the approved hashes. ``state-key`` makes a key that
 encrypts the state at rest (node config ``state-key-file``; see fedpir.privacy.at_rest).
 ``policy`` prints the privacy policy a node config names (``privacy-policy=FILE``; none: the safe
-default) with its SHA-256, the hash every ledger entry records; with ``--state`` it verifies the
+default) with its SHA-256, the hash every ledger entry records; with ``--state-dir`` it verifies the
 ledger (chain and signatures) and prints the site's budget, which the ledger binds (exit 2 with the
 reason when the ledger does not verify: training is stopped until the admin acts).
 """
@@ -26,15 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from fedpir.deployment import approval
-from fedpir.models.warm_start import RECORD_NAME
-from fedpir.privacy.at_rest import KEY_HINT, new_state_key, state_report
-from fedpir.privacy.budget import LEDGER_NAME
-from fedpir.privacy.signing import PUBLIC_KEY_NAME
-
-#: State files kept in plaintext by design (no patient data; read by auditors): see fedpir.privacy.at_rest.
-PUBLIC_STATE = (LEDGER_NAME, PUBLIC_KEY_NAME, RECORD_NAME)
-
-HELP = "a hospital's controls: approve or withdraw an app's FAB hash, status of its node (ledger, data, approvals)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,23 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wd.add_argument("list", type=Path, metavar="LIST")
     wd.add_argument("hash", metavar="SHA256")
     st = sub.add_parser("status", help="ledger, data and approvals of this node (local files only)")
-    st.add_argument("--state", type=Path, required=True, help="the node's state-dir")
-    st.add_argument("--data", type=Path, help="the node's data-dir (validated)")
+    st.add_argument("--state-dir", type=Path, required=True, help="the node's state-dir")
+    st.add_argument("--data-dir", type=Path, help="the node's data-dir (validated)")
     st.add_argument("--approved-apps", type=Path, help="the node's approved-apps file")
     st.add_argument("--json", action="store_true", help="one JSON object")
     sk = sub.add_parser("state-key", help="make a key that encrypts the node's state at rest (node config state-key-file)")
     sk.add_argument("file", type=Path, metavar="FILE", help="where to write it (0600; kept outside the state folder)")
     po = sub.add_parser("policy", help="the node's privacy policy, its SHA-256 and (--state) the site's bound budget")
     po.add_argument("file", type=Path, nargs="?", help="the privacy-policy file of the node config (none: the default)")
-    po.add_argument("--state", type=Path, help="the node's state-dir: verify its ledger, print the site's budget")
+    po.add_argument("--state-dir", type=Path, help="the node's state-dir: verify its ledger, print the site's budget")
 
 
 def ledger_summary(state_dir: Path) -> dict[str, Any]:
     """Training rounds, noised metric releases and privacy spent, from the state folder's ``privacy_ledger.jsonl``."""
-    path = state_dir / "privacy_ledger.jsonl"
+    from fedpir.privacy.budget import LEDGER_NAME
+    from fedpir.privacy.release import training_entries
+
+    path = state_dir / LEDGER_NAME
     if not state_dir.is_dir():
         raise OSError(f"state folder {state_dir} does not exist")
-    from fedpir.privacy.release import training_entries
 
     everything = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     private = [e for e in everything if e.get("dp")]
@@ -88,8 +81,14 @@ def ledger_summary(state_dir: Path) -> dict[str, Any]:
 
 def status(state_dir: Path, data_dir: Path | None, approved_apps: Path | None) -> dict[str, Any]:
     """Everything ``fedpir site status`` reports."""
+    from fedpir.models.warm_start import RECORD_NAME
+    from fedpir.privacy.at_rest import state_report
+    from fedpir.privacy.budget import LEDGER_NAME
+    from fedpir.privacy.signing import PUBLIC_KEY_NAME
+
+    public_state = (LEDGER_NAME, PUBLIC_KEY_NAME, RECORD_NAME)  # plaintext by design: no patient data, read by auditors
     report: dict[str, Any] = {"state_dir": str(state_dir), "ledger": ledger_summary(state_dir),
-                              "at_rest": state_report(state_dir, PUBLIC_STATE)}
+                              "at_rest": state_report(state_dir, public_state)}
     if data_dir is not None:
         from fedpir.data.validation import validate_site
 
@@ -103,6 +102,8 @@ def status(state_dir: Path, data_dir: Path | None, approved_apps: Path | None) -
 
 def at_rest_lines(at_rest: dict[str, Any]) -> list[str]:
     """What ``status`` says about the state at rest."""
+    from fedpir.privacy.at_rest import KEY_HINT
+
     if at_rest["plaintext_files"]:
         lines = [f"at rest: NOT encrypted ({', '.join(at_rest['plaintext_files'])} in plaintext): no state key "
                  f"configured; make one with `fedpir site state-key FILE` and set {KEY_HINT}"]
@@ -147,15 +148,17 @@ def run(args: argparse.Namespace) -> int:
         added = approval.approve(args.list, fab_hash, note=args.note)
         print(f"{'approved' if added else 'already approved'}: {fab_hash} ({args.list})")
     elif args.action == "state-key":
+        from fedpir.privacy.at_rest import new_state_key
+
         print(f"state key written to {new_state_key(args.file)}; set state-key-file='{args.file}' in the node config "
               "and keep a copy in the hospital's secret store (without it the state cannot be read)")
     elif args.action == "withdraw":
         removed = approval.withdraw(args.list, args.hash)
         print(f"{'withdrawn' if removed else 'was not approved'}: {args.hash} ({args.list})")
     elif args.action == "policy":
-        print_policy(args.file, args.state)
+        print_policy(args.file, args.state_dir)
     else:
-        report = status(args.state, args.data, args.approved_apps)
+        report = status(args.state_dir, args.data_dir, args.approved_apps)
         if args.json:
             print(json.dumps(report, indent=1))
             return 0

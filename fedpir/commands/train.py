@@ -1,8 +1,11 @@
 """``fedpir train``: a short local training run of one site, private by default, reported as JSON.
 
+A quarter of the site's patients are held out; each round's metrics on them are ``heldout_*``.
+With ``--state-dir`` the rounds spend that folder's privacy budget and are written to its ledger.
+
 Example::
 
-    fedpir train --site fed/site-0 --stage pretrain --epochs 2 --rounds 3 --epsilon 8 --out run.json
+    fedpir train --site fed/site-0 --stage pretrain --local-epochs 2 --rounds 3 --epsilon 8 --out run.json
 """
 
 from __future__ import annotations
@@ -14,55 +17,36 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fedpir.client.site import split_patients
-from fedpir.commands.flags import add_noise_flag
-from fedpir.data.dataset import load_site
-from fedpir.data.layouts import site_vocabulary
-from fedpir.models.groups import TASKS, TRAINABLE_PRESETS, objective_for, trainable_groups
-from fedpir.privacy.at_rest import PLAINTEXT, StateCipher
-from fedpir.privacy.budget import BudgetExceededError
-from fedpir.privacy.dp import ACCOUNTANTS, dp_config_for
+from fedpir.commands.flags import add_settings_flags, settings_from_args
+from fedpir.models.groups import TRAINABLE_PRESETS
 from fedpir.run_config import RunSettings
-from fedpir.training.model import build_model
-from fedpir.training.trainer import LocalTrainer
 from fedpir.wire.protocol import STAGES
 
-HELP = "train one site locally (patient-level DP-SGD unless --no-dp) and report losses, epsilon, metrics"
 EXIT_BUDGET = 3
+#: The run settings `fedpir train` offers as flags (the same flags as `fedpir simulate` where both have them).
+KNOBS: tuple[str, ...] = (
+    "finetune_task", "local_epochs", "dp", "epsilon_budget", "noise_multiplier", "delta", "max_grad_norm", "accountant",
+    "secret_noise", "batch_size", "lr", "volume_size", "seed", "device",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fedpir train``."""
     parser.add_argument("--site", type=Path, required=True, help="site folder (or its manifest)")
-    parser.add_argument(
-        "--modalities",
-        help="comma-separated modality vocabulary (default: the federation's, in SITE/../federation.json, else the site's own)",
-    )
-    parser.add_argument("--stage", choices=STAGES, default="pretrain")
-    parser.add_argument("--task", choices=TASKS, help="fine-tuning task (needed with --stage finetune)")
-    parser.add_argument("--trainable", default="all",
-                        help=f"parameter groups to train: {', '.join(TRAINABLE_PRESETS)} or a comma list (default all)")
-    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--modalities", help="comma-separated modality vocabulary (default: the federation's, in "
+                                             "SITE/../federation.json, else the site's own)")
+    parser.add_argument("--stage", choices=STAGES, default="pretrain", help="pretraining or fine-tuning (--task)")
+    parser.add_argument("--trainable", help=f"parameter groups to train: {', '.join(TRAINABLE_PRESETS)} or a comma list "
+                                            "(default: the stage's, as in a federation: --pretrain-trainable or "
+                                            "--finetune-trainable of `fedpir simulate`)")
     parser.add_argument("--rounds", type=int, default=1, help="local rounds (each is one ledger entry)")
-    parser.add_argument("--epsilon", type=float, default=8.0, help="site budget; the run is planned to reach it")
-    parser.add_argument("--noise-multiplier", type=float, help="fixed noise multiplier instead of planning for --epsilon")
-    parser.add_argument("--delta", type=float, default=0.0,
-                        help="default: the ledger's, else min(1e-5, 1/(10 n_patients))")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-patient clipping bound")
-    parser.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp")
-    parser.add_argument("--no-dp", action="store_true", help="train without differential privacy (baselines)")
-    parser.add_argument("--batch-size", type=int, default=4, help="expected patients per batch")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--size", type=int, default=32, help="cubic input size the volumes are resampled to")
     parser.add_argument("--out", type=Path, help="write the per-round records and the config here (JSON)")
     parser.add_argument("--state-dir", type=Path, help="site state folder holding the privacy ledger")
     parser.add_argument("--state-key-file", type=Path, help="key that encrypts the state folder at rest")
     parser.add_argument("--data-root", type=Path, action="append", default=[],
                         help="a folder outside the site folder that the manifest may point into (repeatable)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    add_noise_flag(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings_flags(parser.add_argument_group("run settings"), KNOBS)
 
 
 def _finite(record: dict[str, Any]) -> dict[str, Any]:
@@ -73,28 +57,33 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
 def settings_of(args: argparse.Namespace, modalities: list[str]) -> RunSettings:
     """The flags as run settings, so that the model, DP and trainer are built as in a federation."""
     finetune = args.stage == "finetune"
-    return RunSettings(
-        seed=args.seed, volume_size=args.size, modalities=",".join(modalities),
-        pretrain_rounds=0 if finetune else args.rounds, finetune_rounds=args.rounds if finetune else 0,
-        local_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, dp=not args.no_dp,
-        epsilon_budget=args.epsilon, noise_multiplier=args.noise_multiplier or 0.0, delta=args.delta,
-        max_grad_norm=args.max_grad_norm, accountant=args.accountant, secret_noise=not args.reproducible_noise,
-        finetune_task=args.task or RunSettings.finetune_task, device=args.device,
-        **{f"{args.stage}_trainable": args.trainable},
-    )
+    trainable = {f"{args.stage}_trainable": args.trainable} if args.trainable else {}
+    return settings_from_args(args, KNOBS, modalities=",".join(modalities), pretrain_rounds=0 if finetune else args.rounds,
+                              finetune_rounds=args.rounds if finetune else 0, **trainable)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train ``--rounds`` rounds, evaluate on held-out patients after each, print and write the records."""
-    if args.stage == "finetune" and args.task is None:
-        print("error: --stage finetune needs --task", file=sys.stderr)
-        return 2
+    from fedpir.client.site import split_patients
+    from fedpir.data.dataset import load_site
+    from fedpir.data.layouts import site_vocabulary
+    from fedpir.models.groups import objective_for, trainable_groups
+    from fedpir.privacy.at_rest import PLAINTEXT, StateCipher
+    from fedpir.privacy.budget import BudgetExceededError
+    from fedpir.privacy.dp import dp_config_for
+    from fedpir.training.model import build_model
+    from fedpir.training.trainer import LocalTrainer
+
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.trainable:
+        trainable_groups(args.trainable)  # a bad value stops here, before the site is read
     modalities = site_vocabulary(args.site, args.modalities)
     settings = settings_of(args, modalities)
-    dataset, report = load_site(args.site, modalities, (args.size,) * 3, data_roots=args.data_root)
+    dataset, report = load_site(args.site, modalities, (settings.volume_size,) * 3, data_roots=args.data_root)
     print(report.summary())
     if len(dataset) == 0:
-        print(f"error: {report.summary()}", file=sys.stderr)
+        print(f"fedpir train: error: {report.summary()}", file=sys.stderr)
         return 2
     train_set, holdout_set = split_patients(dataset, args.seed)
     held_out = len(holdout_set) > 0
@@ -104,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
     trainer = LocalTrainer.for_run(settings, build_model(settings), train_set, state_dir=args.state_dir, seed=args.seed,
                                    state_cipher=cipher)
     objective = objective_for(args.stage, settings.finetune_task)
-    groups = trainable_groups(args.trainable)
+    groups = trainable_groups(settings.trainable_for(args.stage))
     prefix = "heldout" if held_out else "train"
     rounds: list[dict[str, Any]] = []
     status = 0
     for r in range(args.rounds):
         try:
-            train = trainer.train_round(objective, args.epochs, groups=groups, progress=not args.no_progress)
+            train = trainer.train_round(objective, settings.local_epochs, groups=groups, progress=not args.no_progress)
         except BudgetExceededError as err:
             print(f"round {r}: {err}", file=sys.stderr)
             status = EXIT_BUDGET

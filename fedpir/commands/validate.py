@@ -16,9 +16,6 @@ import sys
 from pathlib import Path
 
 from fedpir.data.manifest import ManifestError
-from fedpir.data.validation import validate_site
-
-HELP = "check a site's data (manifest, BraTS or IXI folder); list bad subjects with reasons"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,13 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the site and print the report; return the exit status described above."""
+    from fedpir.data.validation import validate_site
+
     try:
         report = validate_site(args.site, args.data_root)
     except ManifestError as err:
         if args.json:
             print(json.dumps({"error": str(err)}))
         else:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"fedpir validate: error: {err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))

@@ -30,7 +30,7 @@ class PIRConfig:
     """
 
     modalities: list[str]
-    spatial_size: tuple[int, int, int] = (32, 32, 32)
+    spatial_size: tuple[int, int, int]  # the run settings' volume-size, cubed (fedpir.training.model)
     channels: tuple[int, ...] = (8, 16, 32, 64)
     prior_tokens: int = 16
     num_heads: int = 4

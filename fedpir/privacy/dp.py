@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
 from fedpir.privacy.secure_aggregation import noise_share
-from fedpir.run_config import RunSettings
+from fedpir.run_config import ACCOUNTANTS, RunSettings
 
 # Opacus' backward hooks make torch warn when a layer's input needs no gradient (the first layer
 # sees the image); that is expected here and says nothing about the privacy guarantee.
@@ -52,7 +52,6 @@ warnings.filterwarnings("ignore", message="divide by zero encountered in log", c
 # gradients are computed in float32, as without autocast.
 warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported", category=UserWarning)
 
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: How Opacus computes per-patient gradients (``make_private(grad_sample_mode=...)``): "hooks" (per-layer
 #: rules; a Conv3d unfolds 27x its input per patient) or "functorch" (vmap of each layer's own
 #: backward). ``python -m benchmarks.cost.dp_cost`` measures both (docs/results/benchmarks.jsonl): functorch
@@ -97,7 +96,7 @@ class DPConfig:
     noise_multiplier: float | None = None
     delta: float | None = None
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    accountant: str = RunSettings.accountant
     budget_epsilon: float = 8.0
     planned_rounds: int = 1
     secret_noise: bool = True

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedpir.client.site import site_data  # noqa: E402
 from fedpir.privacy.at_rest import load_tensors  # noqa: E402
@@ -89,6 +90,8 @@ def plot_curves(runs: dict[str, Records], path: Path) -> Path:
             if curve:
                 ax.plot(list(curve), list(curve.values()), marker="o", label=method)
         ax.set(title=title, xlabel="round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole rounds, also in a one-round run
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()

@@ -1,17 +1,7 @@
 """Run fedpir and its baselines on one federation, with the same data, schedule and seeds.
 
-Methods (all but ``scratch`` start from the same public warm start, when the run has one):
-    fedpir       Flower simulation; only the shared invariant weights are aggregated
-    fedpir-noinv fedpir without the invariance term (weight 0), from a warm start pretrained without it
-    scratch      fedpir from a random initialisation: what the warm start buys
-    fedavg       Flower simulation; every weight is aggregated (plain FedAvg)
-    fedbn        Flower simulation; everything but normalization layers (FedBN)
-    fedper       Flower simulation; everything but the task heads (FedPer)
-    local        each site trains alone, nothing is shared
-    centralized  all sites' training patients pooled in one trainer (the non-federated reference)
-
-Every method writes ``<out>/<method>/metrics.jsonl`` in the server's record format (see
-:class:`fedpir.server.rounds.MetricsLog`), so one report reads them all.
+The methods are named in :mod:`fedpir.simulation.methods`. Every method writes ``<out>/<method>/metrics.jsonl``
+in the server's record format (see :class:`fedpir.server.rounds.MetricsLog`), so one report reads them all.
 """
 
 from __future__ import annotations
@@ -31,18 +21,11 @@ from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
 from fedpir.server.server_app import stages
 from fedpir.simulation.engine import run_flower
+from fedpir.simulation.methods import FEDERATED, METHODS
 from fedpir.training.model import build_model
 from fedpir.training.trainer import LocalTrainer
 
 log = logging.getLogger("fedpir.simulation")
-
-#: Federated methods and the key policy each runs with.
-FEDERATED: dict[str, str] = {"fedpir": "fedpir", "fedpir-noinv": "fedpir", "scratch": "fedpir",
-                             "fedavg": "fedavg", "fedbn": "fedbn", "fedper": "fedper"}
-METHODS: tuple[str, ...] = (*FEDERATED, "local", "centralized")
-#: What `fedpir simulate` runs unless told otherwise (FedPer is the second FedBN/FedPer-style baseline).
-DEFAULT_METHODS: tuple[str, ...] = ("fedpir", "fedpir-noinv", "scratch", "fedavg", "fedbn", "local", "centralized")
-
 
 def site_names(settings: RunSettings) -> list[str]:
     """The federation's site folders, in order."""

@@ -9,33 +9,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fedpir.models.warm_start import file_sha256
-from fedpir.run_config import RunSettings
+from fedpir.run_config import STATE_ROOT, RunSettings
 from fedpir.training.model import build_model
-from fedpir.training.warm_start import RECIPE, RECIPE_VERSION, build_warm_start
+from fedpir.training.recipe import RECIPE, RECIPE_VERSION
+from fedpir.training.warm_start import build_warm_start
 
-CACHE = Path.home() / ".fedpir" / "warm-starts"
+CACHE = STATE_ROOT / "warm-starts"
 
 
 def cached_warm_start(settings: RunSettings, invariance_weight: float, cache: Path = CACHE,
-                      segment_modalities: str = str(RECIPE["segment_modalities"]), public_seed: int = 0,
+                      segment_modalities: str = RECIPE.segment_modalities, public_seed: int = 0,
                       ) -> tuple[str, str]:
     """(path, SHA-256) of the warm start for the run's grid and vocabulary, built if not cached
     (``segment_modalities``: the inputs of its segmentation epochs, see ``fedpir pretrain-public``;
     ``public_seed``: the seed of the public corpus and of its training)."""
-    recipe = {**RECIPE, "size": settings.volume_size, "modalities": settings.modalities,
-              "invariance_weight": invariance_weight, "seed": public_seed,
-              "segment_modalities": segment_modalities}
-    key_fields = {**recipe, "version": RECIPE_VERSION}
+    recipe = replace(RECIPE, segment_modalities=segment_modalities)
+    made = {"size": settings.volume_size, "modalities": settings.modalities, "invariance_weight": invariance_weight,
+            "seed": public_seed}
+    key_fields = {**asdict(recipe), **made, "version": RECIPE_VERSION}
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"warm-start-{key}.pt"
     if path.is_file():
         return str(path), file_sha256(path)
     print(f"building the public warm start (invariance weight {invariance_weight:g}) into {path}", flush=True)
-    sha = build_warm_start(path, device=settings.device, **recipe)  # type: ignore[arg-type]
+    sha = build_warm_start(path, recipe=recipe, device=settings.device, **made)
     return str(path), sha
 
 

@@ -1,6 +1,6 @@
 """Shared-only aggregation strategies, robust and modality-aware aggregation, baselines."""
 
-from fedpir.strategies.factory import STRATEGIES, make_strategy
+from fedpir.strategies.factory import STRATEGY_CLASSES, make_strategy
 from fedpir.strategies.modality import ModalityAwareFedAvg, aggregate_by_modality
 from fedpir.strategies.shared import (
     SharedFedAdam,
@@ -14,7 +14,7 @@ from fedpir.strategies.shared import (
 from fedpir.strategies.validation import Rejection
 
 __all__ = [
-    "STRATEGIES",
+    "STRATEGY_CLASSES",
     "ModalityAwareFedAvg",
     "Rejection",
     "SharedFedAdam",

@@ -16,7 +16,8 @@ from fedpir.strategies.shared import (
     SharedFedYogi,
 )
 
-STRATEGIES: dict[str, type[Strategy]] = {
+#: The class of each strategy name of the run settings (fedpir.run_config.STRATEGIES; a test keeps them equal).
+STRATEGY_CLASSES: dict[str, type[Strategy]] = {
     "fedavg": SharedFedAvg,
     "fedprox": SharedFedProx,
     "fedadam": SharedFedAdam,
@@ -28,16 +29,14 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 
 def make_strategy(name: str, **kwargs: Any) -> Strategy:
-    """The strategy called ``name`` (see ``STRATEGIES``), built with ``kwargs``.
+    """The strategy called ``name`` (see :data:`STRATEGY_CLASSES`), built with ``kwargs``.
 
     ``kwargs`` go to the class: e.g. ``proximal_mu`` for "fedprox", ``eta`` for "fedadam",
     ``beta`` for "trimmed", ``modality_of_key`` (required) for "modality", and
     ``max_update_norm`` / ``norm_ratio`` / Flower's ``min_train_nodes`` etc. for all.
     """
     try:
-        cls = STRATEGIES[name]
+        cls = STRATEGY_CLASSES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown strategy {name!r}; valid names: {', '.join(STRATEGIES)}"
-        ) from None
+        raise ValueError(f"unknown strategy {name!r}; valid names: {', '.join(STRATEGY_CLASSES)}") from None
     return cls(**kwargs)

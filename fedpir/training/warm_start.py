@@ -25,29 +25,20 @@ from fedpir.models.warm_start import save_warm_start
 from fedpir.run_config import RunSettings
 from fedpir.synthetic.federation import generate_public_corpus
 from fedpir.training.model import build_model
+from fedpir.training.recipe import RECIPE, WarmStartRecipe
 from fedpir.training.trainer import LocalTrainer
-
-#: How a warm start is made by default (the flags of the same names; `fedpir simulate` uses these).
-RECIPE: dict[str, int | float | str] = {"subjects": 32, "pretrain_epochs": 8, "segment_epochs": 32, "lr": 2e-3,
-                                        "batch_size": 4, "segment_modalities": "all", "modality_dropout": 0.5}
-#: Bumped whenever the generator or the losses change what a recipe builds (cached warm starts are keyed by it).
-RECIPE_VERSION = 3
-
 
 
 def build_warm_start(
-    out: Path, *, size: int, modalities: str, subjects: int = int(RECIPE["subjects"]),
-    pretrain_epochs: int = int(RECIPE["pretrain_epochs"]), segment_epochs: int = int(RECIPE["segment_epochs"]),
-    invariance_weight: float = 1.0, batch_size: int = int(RECIPE["batch_size"]), lr: float = float(RECIPE["lr"]),
-    seed: int = 0, device: str = "auto", corpus: Path | None = None,
-    segment_modalities: str = str(RECIPE["segment_modalities"]),
-    modality_dropout: float = float(RECIPE["modality_dropout"]), progress: bool = True, command: str = "",
+    out: Path, *, size: int, modalities: str, recipe: WarmStartRecipe = RECIPE, invariance_weight: float = 1.0,
+    seed: int = 0, device: str = "auto", corpus: Path | None = None, progress: bool = True, command: str = "",
 ) -> str:
-    """Pretrain on the public corpus, write ``out`` and return its SHA-256; the segmentation epochs
-    see only ``segment_modalities`` ("all" or a comma list), each left out of a patient's view with
-    probability ``modality_dropout``."""
+    """Pretrain on the public corpus (``corpus``, else the synthetic one of ``seed``) by ``recipe``, write
+    ``out`` and return its SHA-256."""
+    subjects, pretrain_epochs, segment_epochs = recipe.subjects, recipe.pretrain_epochs, recipe.segment_epochs
+    segment_modalities, modality_dropout = recipe.segment_modalities, recipe.modality_dropout
     check_modality_dropout(modality_dropout)  # before the corpus is generated
-    settings = RunSettings(seed=seed, volume_size=size, modalities=modalities, batch_size=batch_size, lr=lr,
+    settings = RunSettings(seed=seed, volume_size=size, modalities=modalities, batch_size=recipe.batch_size, lr=recipe.lr,
                            dp=False, invariance_weight=invariance_weight, device=device)
     with tempfile.TemporaryDirectory(prefix="fedpir-public-") as tmp:
         if corpus is None:

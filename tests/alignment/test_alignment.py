@@ -8,7 +8,8 @@ import pytest
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
-from fedpir.alignment.maps import METHODS, AlignmentMap, AlignmentStatistics, fit_alignment, fit_pairs
+from fedpir.alignment.choices import METHODS
+from fedpir.alignment.maps import AlignmentMap, AlignmentStatistics, fit_alignment, fit_pairs
 
 
 def _standardize(a: np.ndarray) -> np.ndarray:

@@ -69,7 +69,7 @@ def test_attack_end_to_end_on_a_site(small_federation: Path, tmp_path: Path, cap
     the table and the JSON carry epsilon next to AUROC, and the audit report shows them."""
     out = tmp_path / "attack.json"
     assert main(["audit", "attack", "--site", str(small_federation / "site-0"), "--size", str(SIZE),
-                 "--epsilons", "inf,1", "--seeds", "1", "--epochs", "2", "--no-progress", "--out", str(out)]) == 0
+                 "--epsilons", "inf,1", "--seeds", "1", "--local-epochs", "2", "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     document = json.loads(out.read_text())
     no_dp, private = document["runs"]

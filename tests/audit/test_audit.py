@@ -35,7 +35,7 @@ from fedpir.training.trainer import LocalTrainer
 
 SIZE = (16, 16, 16)
 DELTA = 1e-5
-RDP = DPConfig(noise_multiplier=1.0, budget_epsilon=50.0, delta=DELTA)
+RDP = DPConfig(noise_multiplier=1.0, budget_epsilon=50.0, delta=DELTA, accountant="rdp")
 
 
 def make_model(vocab: list[str]) -> PIRNet:

@@ -46,7 +46,7 @@ def test_simulate_rejects_unknown_methods(tmp_path: Path, capsys: pytest.Capture
 
 @pytest.mark.slow
 def test_default_simulation_runs_every_method(tmp_path: Path) -> None:
-    from fedpir.simulation.runner import METHODS
+    from fedpir.simulation.methods import METHODS
 
     out = tmp_path / "out"
     assert main(["simulate", "--out", str(out), "--methods", ",".join(METHODS)]) == 0

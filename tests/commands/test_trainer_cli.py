@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
+
 from fedpir.commands import train as train_cli
 
 
@@ -45,7 +47,8 @@ def test_train_cli_without_dp(small_federation: Path, tmp_path: Path) -> None:
     assert train(*argv) == 0
     (record,) = json.loads(out.read_text())["rounds"]
     assert record["dp"] == 0.0 and "epsilon" not in record and "heldout_dice" in record
-    assert train("--site", str(small_federation / "site-2"), "--stage", "finetune") == 2  # no --task
+    with pytest.raises(ValueError, match="--rounds must be >= 1"):
+        train("--site", str(small_federation / "site-2"), "--stage", "finetune", "--rounds", "0")
 
 
 def test_train_cli_reads_a_brats_folder_without_manifest(tmp_path: Path) -> None:
@@ -79,6 +82,12 @@ def test_user_errors_print_one_line_and_no_traceback(tmp_path: Path) -> None:
         ["train", "--site", str(tmp_path / "missing"), "--no-progress"],
         ["train", "--site", str(tmp_path), "--no-progress"],
         ["simulate", "--out", str(tmp_path / "o"), "--finetune-trainable", "everything"],
+        ["simulate", "--out", str(tmp_path / "o"), "--strategy", "nonsense"],
+        ["simulate", "--out", str(tmp_path / "o"), "--methods", "fedpir,bogus"],
+        ["simulate", "--out", str(tmp_path / "o"), "--federation", str(tmp_path / "none")],
+        ["simulate", "--out", str(tmp_path / "o"), "--warm-start", str(tmp_path / "none.pt")],
+        ["train", "--site", str(tmp_path), "--accountant", "gauss"],
+        ["pretrain-public", "--out", str(tmp_path / "w.pt"), "--modality-dropout", "x"],
     ]
     for argv in cases:
         proc = subprocess.run([sys.executable, "-m", "fedpir", *argv], capture_output=True, text=True, timeout=300)
@@ -86,3 +95,20 @@ def test_user_errors_print_one_line_and_no_traceback(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "error:" in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["--version"], ["simulate", "--help"], ["train", "--help"], ["pretrain-public", "--help"],
+    ["simulate", "--strategy", "nonsense"], ["simulate", "--methods", "bogus"], ["simulate", "--size", "-"],
+])
+def test_help_and_bad_arguments_answer_before_torch_loads(argv: list[str]) -> None:
+    """What makes `fedpir --help` and a rejected flag answer at once: neither imports torch, Flower,
+    MONAI or even numpy (the times themselves are a benchmark: python -m benchmarks.cost.cli)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedpir.commands import main\ntry:\n    main(" + repr(argv) + ")\nexcept SystemExit:\n    pass\n"
+            "print(*(m in sys.modules for m in ('torch', 'flwr', 'monai', 'numpy')), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1] == "False False False False", proc.stderr

@@ -89,7 +89,7 @@ def test_federated_run_over_tls_with_authenticated_nodes(deployment: LoopbackDep
     apps = dep.root / "flwr-home" / "apps"
     assert loaded and all(f.is_relative_to(apps) and dep.fab_hash[:8] in str(f) for f in loaded), loaded
     # the hospital's own view of the same run (fedpir site status reads only local files)
-    assert main(["site", "status", "--state", str(dep.root / "state" / HOSPITALS[0]), "--data", str(dep.data / "site-0"),
+    assert main(["site", "status", "--state-dir", str(dep.root / "state" / HOSPITALS[0]), "--data-dir", str(dep.data / "site-0"),
                  "--approved-apps", str(dep.root / "approved" / f"{HOSPITALS[0]}.txt"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ledger"]["rounds"] == 2 and report["ledger"]["last_round"]["objective"] == "segmentation"

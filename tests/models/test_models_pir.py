@@ -59,7 +59,7 @@ def test_config_validation(kwargs: dict, message: str) -> None:
 
 def test_config_rejects_duplicate_modalities() -> None:
     with pytest.raises(ValueError, match="unique"):
-        PIRConfig(["t1", "t1"])
+        PIRConfig(["t1", "t1"], (16, 16, 16))
 
 
 def test_modality_adapters_start_as_identity() -> None:

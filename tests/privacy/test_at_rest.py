@@ -120,14 +120,14 @@ def test_site_status_says_whether_state_is_encrypted(tmp_path: Path, capsys: pyt
     PrivacyLedger.in_dir(sealed, cipher=cipher).append({"dp": False, "objective": "pretrain", "steps": 1})
     save_tensors({"w": torch.ones(1)}, sealed / "local_state.pt", cipher)
     capsys.readouterr()
-    assert main(["site", "status", "--state", str(plain)]) == 0
+    assert main(["site", "status", "--state-dir", str(plain)]) == 0
     assert f"at rest: NOT encrypted ({SIGNING_KEY_NAME} in plaintext)" in capsys.readouterr().out
-    assert main(["site", "status", "--state", str(sealed), "--json"]) == 0
+    assert main(["site", "status", "--state-dir", str(sealed), "--json"]) == 0
     at_rest = json.loads(capsys.readouterr().out)["at_rest"]
     assert at_rest == {"encrypted_files": ["ledger_signing.key", "local_state.pt"], "plaintext_files": [],
                        "loose_permissions": []}
     (sealed / "local_state.pt").chmod(0o644)
-    assert main(["site", "status", "--state", str(sealed)]) == 0
+    assert main(["site", "status", "--state-dir", str(sealed)]) == 0
     assert "WARNING: accessible to other users" in capsys.readouterr().out
 
 

@@ -160,11 +160,11 @@ def test_the_budget_is_bound_to_the_ledger_and_only_lowers(tmp_path: Path, site_
     assert result.ok, [f.line("ledger") for f in result.failures]
     # the admin's view: the policy in force, its hash, and the budget the ledger binds
     capsys.readouterr()
-    assert main(["site", "policy", str(policy), "--state", str(state)]) == 0
+    assert main(["site", "policy", str(policy), "--state-dir", str(state)]) == 0
     out = capsys.readouterr().out
     assert load_policy(policy).sha256 in out and "site budget epsilon 5 (policy 6.0, ledger 5.0)" in out
     (state / LEDGER_NAME).write_text((state / LEDGER_NAME).read_text().replace('"site_budget": 5.0', '"site_budget": 9.0'))
-    assert main(["site", "policy", str(policy), "--state", str(state)]) == 2
+    assert main(["site", "policy", str(policy), "--state-dir", str(state)]) == 2
     assert "entry 2 breaks the signature rule" in capsys.readouterr().err
 
 

@@ -32,8 +32,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from flwr.supercore.task_identity import TaskIdentity
 from scipy.stats import trim_mean
 
+from fedpir.run_config import STRATEGIES
 from fedpir.strategies import (
-    STRATEGIES,
+    STRATEGY_CLASSES,
     ModalityAwareFedAvg,
     SharedFedAdam,
     SharedFedAvg,
@@ -375,7 +376,7 @@ def test_fedprox_sends_mu_and_averages_shared_keys() -> None:
 def test_factory() -> None:
     parents = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi,
                "trimmed": FedTrimmedAvg, "median": FedMedian, "modality": FedAvg}
-    assert set(STRATEGIES) == set(parents)
+    assert list(STRATEGY_CLASSES) == list(STRATEGIES) and set(STRATEGIES) == set(parents)  # one list of names
     for name, parent in parents.items():
         extra = {"modality_of_key": modality_of_key} if name == "modality" else {}
         strategy = make_strategy(name, max_update_norm=5.0, **extra)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_runs import run_benchmark
 from opacus import GradSampleModule
 
 from fedpir.client.site import Site
@@ -172,26 +173,57 @@ def test_a_file_that_is_no_warm_start_is_refused_clearly(tmp_path: Path) -> None
         load_warm_start(build_model(RunSettings()), other, file_sha256(other))
 
 
-def test_recipe_sweep_resumes_only_runs_from_the_warm_start_they_would_use_now(tmp_path: Path) -> None:
-    from benchmarks.experiments.dp_recipe import kept_runs
+def recipe_sweep(out: Path, *argv: str) -> str:
+    """``benchmarks/experiments/dp_recipe.py --resume --out OUT ARGV`` as a process; its stderr."""
+    return run_benchmark("benchmarks/experiments/dp_recipe.py", "--resume", "--out", str(out), *argv).stderr
 
+
+def test_recipe_sweep_resume_keeps_the_asked_runs_and_runs_nothing_more(tmp_path: Path) -> None:
+    """``--resume`` keeps the runs --out holds of the asked configurations and seeds that started from the
+    warm start they would use now (default-scratch: none, recorded as ""); the file then holds just them."""
     out = tmp_path / "sweep.json"
-    runs = [{"config": "v2-default", "seed": 0, "dice": 0.7, "warm_start_sha256": "abc"},
-            {"config": "v2-default", "seed": 1, "dice": 0.6, "warm_start_sha256": "old"},
-            {"config": "v2-default", "seed": 2, "dice": 0.6},
-            {"config": "v2-default-local", "seed": 0, "dice": 0.5, "warm_start_sha256": "abc"}]
+    runs = [{"config": "default-scratch", "seed": 0, "dice": 0.5, "warm_start_sha256": ""},
+            {"config": "default-scratch", "seed": 1, "dice": 0.7, "warm_start_sha256": ""},
+            {"config": "default-scratch", "seed": 2, "dice": 0.1, "warm_start_sha256": "old"},  # a seed not asked
+            {"config": "v2-default", "seed": 0, "dice": 0.6, "warm_start_sha256": "abc"}]  # a configuration not asked
     out.write_text(json.dumps({"runs": runs}))
-    expected = {("v2-default", 0): "abc", ("v2-default", 1): "abc", ("v2-default", 2): "abc", ("v2-default", 3): "abc"}
-    # only the asked configurations and seeds; another warm start, or none recorded, runs again
-    assert kept_runs(out, expected) == (runs[:1], 2)
-    assert kept_runs(out, {("v2-default", 1): "old"}) == (runs[1:2], 0)  # each seed has its own warm start
-    assert kept_runs(tmp_path / "none.json", expected) == ([], 0)
+    log = recipe_sweep(out, "--configs", "default-scratch", "--seeds", "0,1")
+    assert "resume: 2 runs kept, 0 made from another warm start run again" in log
+    doc = json.loads(out.read_text())
+    assert doc["runs"] == runs[:2] and doc["warm_starts"] == {}  # nothing ran, no warm start was needed
+    assert doc["summary"]["default-scratch"]["seeds"] == 2
+    assert doc["summary"]["default-scratch"]["dice_mean"] == pytest.approx(0.6)
+
+
+@pytest.mark.slow  # builds the public warm starts of seeds 0 and 1 unless ~/.fedpir caches them, and runs twice
+def test_recipe_sweep_resumes_only_runs_from_the_warm_start_they_would_use_now(tmp_path: Path) -> None:
+    """A run made from another warm start, or that recorded none, runs again; with ``--public-seed-per-run``
+    each seed has a warm start of its own, so seed 1's run from seed 0's warm start runs again."""
+    from fedpir.simulation.warm_starts import cached_warm_start
+
+    _, shared = cached_warm_start(RunSettings(), 1.0)  # every seed's, without --public-seed-per-run
+    out = tmp_path / "sweep.json"
+    runs = [{"config": "warm-none", "seed": 0, "dice": 0.5, "warm_start_sha256": shared},
+            {"config": "warm-none", "seed": 1, "dice": 0.5}]
+    out.write_text(json.dumps({"runs": runs}))
+    sweep = ("--configs", "warm-none", "--seeds", "0,1")
+    assert "resume: 1 runs kept, 1 made from another warm start run again" in recipe_sweep(out, *sweep)
+    kept, again = json.loads(out.read_text())["runs"]
+    assert kept == runs[0] and again["seed"] == 1 and again["warm_start_sha256"] == shared and 0 <= again["dice"] <= 1
+    assert "resume: 2 runs kept, 0 made" in recipe_sweep(out, *sweep)
+    log = recipe_sweep(out, *sweep, "--public-seed-per-run")
+    assert "resume: 1 runs kept, 1 made from another warm start run again" in log
+    doc = json.loads(out.read_text())
+    own = doc["warm_starts"]["1"]["warm:all"]
+    assert doc["warm_starts"]["0"]["warm:all"] == shared != own
+    assert doc["runs"][0] == runs[0] and doc["runs"][1]["seed"] == 1 and doc["runs"][1]["warm_start_sha256"] == own
 
 
 def test_public_masks_of_one_modality_train_the_segmentation_on_it_alone(small_federation: Path, tmp_path: Path) -> None:
     """``--segment-modalities flair``: the segmentation epochs see FLAIR only (the other modalities'
     input calibration does not move), and the file says how it was made."""
     from fedpir.models.warm_start import read_warm_start
+    from fedpir.training.recipe import WarmStartRecipe
     from fedpir.training.warm_start import build_warm_start
 
     vocab = json.loads((small_federation / "federation.json").read_text())["modalities"]
@@ -203,9 +235,9 @@ def test_public_masks_of_one_modality_train_the_segmentation_on_it_alone(small_f
     with pytest.raises(ValueError, match="subset of"):
         dataset.with_only(["ct"])
     path = tmp_path / "warm.pt"
-    sha = build_warm_start(path, size=16, modalities=",".join(vocab), corpus=small_federation / "site-3",
-                           pretrain_epochs=0, segment_epochs=1, segment_modalities="flair", device="cpu",
-                           progress=False)
+    recipe = WarmStartRecipe(pretrain_epochs=0, segment_epochs=1, segment_modalities="flair")
+    sha = build_warm_start(path, size=16, modalities=",".join(vocab), corpus=small_federation / "site-3", recipe=recipe,
+                           device="cpu", progress=False)
     content = read_warm_start(path, sha)
     assert content["meta"]["segment_modalities"] == "flair"
     start = build_model(RunSettings(volume_size=16, modalities=",".join(vocab))).state_dict()

@@ -1,0 +1,21 @@
+"""The methods `fedpir simulate` compares (names only: the command checks them before anything heavy loads).
+
+Methods (all but ``scratch`` start from the same public warm start, when the run has one):
+    fedpir       Flower simulation; only the shared invariant weights are aggregated
+    fedpir-noinv fedpir without the invariance term (weight 0), from a warm start pretrained without it
+    scratch      fedpir from a random initialisation: what the warm start buys
+    fedavg       Flower simulation; every weight is aggregated (plain FedAvg)
+    fedbn        Flower simulation; everything but normalization layers (FedBN)
+    fedper       Flower simulation; everything but the task heads (FedPer)
+    local        each site trains alone, nothing is shared
+    centralized  all sites' training patients pooled in one trainer (the non-federated reference)
+"""
+
+from __future__ import annotations
+
+#: Federated methods and the key policy each runs with.
+FEDERATED: dict[str, str] = {"fedpir": "fedpir", "fedpir-noinv": "fedpir", "scratch": "fedpir",
+                             "fedavg": "fedavg", "fedbn": "fedbn", "fedper": "fedper"}
+METHODS: tuple[str, ...] = (*FEDERATED, "local", "centralized")
+#: What `fedpir simulate` runs unless told otherwise (FedPer is the second FedBN/FedPer-style baseline).
+DEFAULT_METHODS: tuple[str, ...] = ("fedpir", "fedpir-noinv", "scratch", "fedavg", "fedbn", "local", "centralized")
