@@ -1,3 +1,6 @@
 """fedpir: federated personalized invariant representation learning for 3D medical imaging."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# The version is declared once, in pyproject.toml (Flower's `flwr build` needs it there, statically).
+__version__ = version("fedpir")

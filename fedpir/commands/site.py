@@ -5,6 +5,7 @@
     fedpir site status --state-dir DIR [--data-dir DIR] [--approved-apps LIST] [--json]
     fedpir site state-key FILE
     fedpir site policy [FILE] [--state-dir DIR]
+    fedpir site reset --state-dir DIR --reason TEXT
 
 ``approve`` adds a FAB hash to the allow-list the node config names (``approved-apps=LIST``; see
 fedpir.deployment.approval). ``status`` reads only local files: the privacy ledger of the state
@@ -14,7 +15,11 @@ encrypts the state at rest (node config ``state-key-file``; see fedpir.privacy.a
 ``policy`` prints the privacy policy a node config names (``privacy-policy=FILE``; none: the safe
 default) with its SHA-256, the hash every ledger entry records; with ``--state-dir`` it verifies the
 ledger (chain and signatures) and prints the site's budget, which the ledger binds (exit 2 with the
-reason when the ledger does not verify: training is stopped until the admin acts).
+reason when the ledger does not verify: training is stopped until the admin acts). ``reset`` retires
+the site's identity: the whole state folder (ledger, its sealed head, signing key, local layers) moves
+into ``DIR/retired-<UTC time>/`` with the reason, for the auditor, and the next round starts a new
+ledger under a new key. It is the only way to a fresh budget: a ledger cut back, restored alone or
+deleted while its key stays is refused (fedpir.privacy.budget).
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     po = sub.add_parser("policy", help="the node's privacy policy, its SHA-256 and (--state) the site's bound budget")
     po.add_argument("file", type=Path, nargs="?", help="the privacy-policy file of the node config (none: the default)")
     po.add_argument("--state-dir", type=Path, help="the node's state-dir: verify its ledger, print the site's budget")
+    rs = sub.add_parser("reset", help="retire the site's identity (ledger, key, local layers) with a reason; a new one starts")
+    rs.add_argument("--state-dir", type=Path, required=True, help="the node's state-dir")
+    rs.add_argument("--reason", required=True, help="why (kept with the retired state for the auditor)")
 
 
 def ledger_summary(state_dir: Path) -> dict[str, Any]:
@@ -84,9 +92,9 @@ def status(state_dir: Path, data_dir: Path | None, approved_apps: Path | None) -
     from fedpir.models.warm_start import RECORD_NAME
     from fedpir.privacy.at_rest import state_report
     from fedpir.privacy.budget import LEDGER_NAME
-    from fedpir.privacy.signing import PUBLIC_KEY_NAME
+    from fedpir.privacy.signing import HEAD_NAME, PUBLIC_KEY_NAME
 
-    public_state = (LEDGER_NAME, PUBLIC_KEY_NAME, RECORD_NAME)  # plaintext by design: no patient data, read by auditors
+    public_state = (LEDGER_NAME, HEAD_NAME, PUBLIC_KEY_NAME, RECORD_NAME)  # plaintext by design: no patient data
     report: dict[str, Any] = {"state_dir": str(state_dir), "ledger": ledger_summary(state_dir),
                               "at_rest": state_report(state_dir, public_state)}
     if data_dir is not None:
@@ -140,6 +148,24 @@ def print_policy(file: Path | None, state_dir: Path | None) -> None:
               f"{budget:g} (policy {policy.max_epsilon}, ledger {recorded if recorded is not None else 'none yet'})")
 
 
+def retire(state_dir: Path, reason: str) -> Path:
+    """Move everything in ``state_dir`` (but earlier retired folders) into a new ``retired-<UTC time>``
+    folder with ``REASON.txt``; returns that folder."""
+    if not state_dir.is_dir():
+        raise OSError(f"state folder {state_dir} does not exist")
+    if not reason.strip():
+        raise ValueError("--reason must say why the identity is retired")
+    retired = state_dir / f"retired-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"
+    if retired.exists():
+        raise FileExistsError(f"{retired} exists; try again in a second")
+    moved = [p for p in sorted(state_dir.iterdir()) if not p.name.startswith("retired-")]
+    retired.mkdir(mode=0o700)
+    for path in moved:
+        path.rename(retired / path.name)
+    (retired / "REASON.txt").write_text(f"retired {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}: {reason}\n")
+    return retired
+
+
 def run(args: argparse.Namespace) -> int:
     """Do the action; print the result."""
     if args.action == "approve":
@@ -157,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'withdrawn' if removed else 'was not approved'}: {args.hash} ({args.list})")
     elif args.action == "policy":
         print_policy(args.file, args.state_dir)
+    elif args.action == "reset":
+        retired = retire(args.state_dir, args.reason)
+        print(f"retired the site's identity into {retired}; the next round starts a new ledger under a new signing "
+              "key (send its public key to the auditor)")
     else:
         report = status(args.state_dir, args.data_dir, args.approved_apps)
         if args.json:

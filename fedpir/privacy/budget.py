@@ -29,13 +29,16 @@ from fedpir.privacy.dp import RoundPlan
 from fedpir.privacy.secure_aggregation import guarantee_of
 from fedpir.privacy.signing import (
     GENESIS,
+    HEAD_NAME,
     SIGNING_KEY_NAME,
     check_entry,
+    check_head,
     create_signing_key,
     entry_hash,
     load_signing_key,
     public_key_path,
     seal,
+    sign_head,
 )
 
 LEDGER_NAME = "privacy_ledger.jsonl"
@@ -73,7 +76,12 @@ class PrivacyLedger:
     created (0600, folder 0700, encrypted under ``cipher``) with the first entry. The ledger file
     itself is 0600 and plaintext (see :mod:`fedpir.privacy.at_rest`). Loading an existing ledger verifies every link
     and signature and raises :class:`LedgerError` naming the line and the rule at the first failure.
-    An in-memory ledger signs with a throwaway key.
+    Every write also seals the ledger's head (entry count and last hash, signed: :data:`HEAD_NAME`
+    beside it, written with the key), and every load checks that the ledger still reaches that head:
+    a ledger cut back or restored alone from an older backup, or deleted while its key stays, is
+    refused in every process that loads it, not only in the one that wrote it. Only restoring the whole
+    state folder (key and head too) can go back, and starting afresh means a new key, a new identity
+    that the auditor sees (``fedpir site reset``). An in-memory ledger signs with a throwaway key.
     """
 
     def __init__(self, path: Path | None = None, *, key_path: Path | None = None,
@@ -87,7 +95,10 @@ class PrivacyLedger:
         self.last_hash = GENESIS
         #: Fields stamped on every new entry (the site's policy hash and budget: fedpir.privacy.policy).
         self.stamp: dict[str, Any] = {}
-        if self.path is None or not self.path.exists():
+        if self.path is None:
+            return
+        if not self.path.exists():
+            self._check_head()
             return
         lines: list[tuple[int, dict[str, Any]]] = []
         for number, line in enumerate(self.path.read_text().splitlines(), start=1):
@@ -118,6 +129,46 @@ class PrivacyLedger:
                                   "the ledger cannot be trusted, training stops (audit it with `fedpir audit verify`)")
             self.entries.append(entry)
             self.last_hash = entry_hash(entry)
+        self._check_head()
+
+    @property
+    def head_path(self) -> Path | None:
+        """Where the ledger's sealed head lives (None in memory)."""
+        return self.path.with_name(HEAD_NAME) if self.path is not None else None
+
+    def _check_head(self) -> None:
+        """Raise LedgerError unless the loaded entries reach the sealed head (none is needed before the key exists)."""
+        assert self.path is not None and self.key_path is not None and self.head_path is not None
+        if not self.key_path.is_file():
+            return
+        reset = (f"restore the state folder's {LEDGER_NAME} and {HEAD_NAME} together, or retire this identity "
+                 f"with `fedpir site reset --state-dir {self.path.parent} --reason TEXT`")
+        if not self.head_path.is_file():
+            raise LedgerError(f"{self.path}: the site's signing key exists but the ledger's sealed head {HEAD_NAME} "
+                              f"is missing, so the ledger may have been cut or replaced; {reset}")
+        try:
+            sealed = json.loads(self.head_path.read_text())
+            count, head = check_head(sealed, (self._key or self._load_key()).public_key())
+        except (ValueError, json.JSONDecodeError) as err:
+            raise LedgerError(f"{self.head_path}: {err}; {reset}") from None
+        reached = len(self.entries) >= count and (
+            count == 0 and head == GENESIS or count > 0 and entry_hash(self.entries[count - 1]) == head)
+        if not reached:
+            raise LedgerError(f"{self.path}: the ledger ({len(self.entries)} entries) does not reach its sealed head "
+                              f"({count} entries): it was cut back or restored from an older copy, and the privacy "
+                              f"spent since would be forgotten; {reset}")
+
+    def _seal_head(self) -> None:
+        """Write the sealed head of the entries so far (0600, atomically, fsynced)."""
+        assert self.head_path is not None
+        data = json.dumps(sign_head(len(self.entries), self.last_hash, self._signing_key())).encode()
+        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.head_path)
 
     @classmethod
     def in_dir(cls, state_dir: Path | None, *, key_path: Path | None = None,
@@ -151,7 +202,11 @@ class PrivacyLedger:
         if self._key is None:
             assert self.key_path is not None and self.path is not None
             private_dir(self.path.parent)
-            self._key = self._load_key() if self.key_path.is_file() else create_signing_key(self.key_path, self.cipher)
+            if self.key_path.is_file():
+                self._key = self._load_key()
+            else:  # a new identity: its head is sealed at once, so that a key never stands without one
+                self._key = create_signing_key(self.key_path, self.cipher)
+                self._seal_head()
         return self._key
 
     @property
@@ -171,6 +226,8 @@ class PrivacyLedger:
                 os.fsync(fh.fileno())
         self.entries.append(entry)
         self.last_hash = entry_hash(entry)
+        if self.path is not None:
+            self._seal_head()
 
     def extends(self, other: PrivacyLedger) -> bool:
         """Whether this ledger holds all of ``other``'s entries and more (``other`` is an older copy)."""

@@ -33,6 +33,9 @@ from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, read_private, write_p
 GENESIS = "0" * 64
 SIGNING_KEY_NAME = "ledger_signing.key"
 PUBLIC_KEY_NAME = "ledger_signing.pub"
+#: The ledger's sealed head (entry count and last hash, signed), beside the ledger: a ledger cut back,
+#: or restored alone from a backup, no longer reaches it (fedpir.privacy.budget).
+HEAD_NAME = "ledger_head.json"
 
 
 def canonical(entry: dict[str, Any]) -> bytes:
@@ -113,3 +116,19 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path}: not an Ed25519 public key")
     return key
+
+
+def sign_head(entries: int, head: str, key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The sealed head of a ledger of ``entries`` entries whose last hash is ``head``."""
+    body = {"entries": entries, "head": head}
+    return body | {"signature": base64.b64encode(key.sign(canonical(body))).decode()}
+
+
+def check_head(sealed: Any, public_key: Ed25519PublicKey) -> tuple[int, str]:
+    """(entries, head) of a sealed head; ValueError if it is malformed or its signature does not verify."""
+    try:
+        body = {"entries": int(sealed["entries"]), "head": str(sealed["head"])}
+        public_key.verify(base64.b64decode(sealed["signature"], validate=True), canonical(body))
+    except (InvalidSignature, KeyError, TypeError, ValueError):
+        raise ValueError("the ledger's sealed head is malformed or not signed by the site's key") from None
+    return body["entries"], body["head"]

@@ -354,7 +354,7 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     (broken / "manifest.csv").write_text("id,t1\nsub-0,a.nii.gz\n")
     assert main(["validate", str(broken)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "needs a 'subject' column" in err
+    assert err.startswith("fedpir validate: error: ") and "needs a 'subject' column" in err
     assert main(["validate", str(tmp_path / "nowhere"), "--json"]) == 2
     assert "no such file or folder" in json.loads(capsys.readouterr().out)["error"]
 

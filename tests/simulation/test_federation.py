@@ -115,6 +115,8 @@ def test_failing_and_faulty_sites_are_dropped_and_the_round_goes_on(tmp_path: Pa
         assert all(np.isfinite(data[k]).all() for k in data.files)
 
 
+# About 150 s; the same crash and resume, as deployed, runs in tests/deployment/test_deploy_faults.py (pytest -m deploy).
+@pytest.mark.slow
 def test_server_killed_after_round_k_resumes_at_k_plus_1(tmp_path: Path, federation16: Path) -> None:
     settings = tiny_settings(tmp_path, federation16, pretrain_rounds=4, finetune_rounds=0)
     latest = settings.run_path / "checkpoints" / "latest.json"
