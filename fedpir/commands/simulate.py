@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -64,6 +65,19 @@ def _quiet(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _print_gates(out: Path) -> None:
+    """The validity gates of the run, as the report states them (from its summary.json)."""
+    from fedpir.simulation.gates import Gate, verdict
+
+    gates = [Gate(**g) for g in json.loads((out / "summary.json").read_text())["gates"]]
+    for g in gates:
+        state = "not measured" if g.holds is None else "holds" if g.holds else "FAILS"
+        shown = "" if g.measured is None else f" (measured {g.measured:.3f})"
+        print(f"gate: {g.name}: {g.rule}{shown}: {state}")
+    if gates:
+        print(verdict(gates))
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate or take the federation, run every method, write the report."""
     out = args.out.expanduser().resolve()
@@ -89,5 +103,6 @@ def run(args: argparse.Namespace) -> int:
     print("scoring each site's final model on every single input modality ...", flush=True)
     cross_modal = cross_modal_summary(out, {m: method_settings(m, settings, out / m, noinv) for m in methods})
     report = write_report(out, methods, settings, cross_modal)
+    _print_gates(out)
     print(f"all methods done in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0

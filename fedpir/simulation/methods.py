@@ -8,7 +8,11 @@ Methods (all but ``scratch`` start from the same public warm start, when the run
     fedbn        Flower simulation; everything but normalization layers (FedBN)
     fedper       Flower simulation; everything but the task heads (FedPer)
     local        each site trains alone, nothing is shared
-    centralized  all sites' training patients pooled in one trainer (the non-federated reference)
+    centralized  all sites' training patients pooled in one trainer, under the same DP (the non-federated reference)
+References that the validity gates read (:mod:`fedpir.simulation.gates`):
+    public-only  the public warm start as it is, evaluated at each site without any private round
+    local-nodp   local without differential privacy
+    pooled-nodp  centralized without differential privacy (what the sites' data can teach at best)
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 #: Federated methods and the key policy each runs with.
 FEDERATED: dict[str, str] = {"fedpir": "fedpir", "fedpir-noinv": "fedpir", "scratch": "fedpir",
                              "fedavg": "fedavg", "fedbn": "fedbn", "fedper": "fedper"}
-METHODS: tuple[str, ...] = (*FEDERATED, "local", "centralized")
+#: The references of the validity gates.
+REFERENCES: tuple[str, ...] = ("public-only", "local-nodp", "pooled-nodp")
+METHODS: tuple[str, ...] = (*FEDERATED, "local", "centralized", *REFERENCES)
 #: What `fedpir simulate` runs unless told otherwise (FedPer is the second FedBN/FedPer-style baseline).
-DEFAULT_METHODS: tuple[str, ...] = ("fedpir", "fedpir-noinv", "scratch", "fedavg", "fedbn", "local", "centralized")
+DEFAULT_METHODS: tuple[str, ...] = ("fedpir", "fedpir-noinv", "scratch", "fedavg", "fedbn", "local", "centralized",
+                                    *REFERENCES)

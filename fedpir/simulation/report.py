@@ -10,6 +10,7 @@ import json
 import math
 import warnings
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fedpir.client.site import site_data  # noqa: E402
 from fedpir.privacy.at_rest import load_tensors  # noqa: E402
 from fedpir.run_config import RunSettings  # noqa: E402
 from fedpir.server.rounds import MetricsLog  # noqa: E402
+from fedpir.simulation.gates import Gate, validity_gates, verdict  # noqa: E402
 from fedpir.training.model import build_model  # noqa: E402
 
 Records = list[dict[str, Any]]
@@ -168,6 +170,15 @@ def cross_modal_table(cross_modal: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gates_table(gates: list[Gate]) -> str:
+    """Markdown table of the validity gates, then the verdict in one sentence."""
+    lines = ["| gate | rule | measured | holds |", "|---|---|---|---|"]
+    for g in gates:
+        holds = "not measured" if g.holds is None else "yes" if g.holds else "**no**"
+        lines.append(f"| {g.name} | {g.rule} | {_fmt(g.measured)} | {holds} |")
+    return "\n".join([*lines, "", verdict(gates)])
+
+
 def write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None = None) -> Path:
     """Write ``out_dir/report.md`` and its PNGs (and ``summary.json``); returns the report's path.
     ``cross_modal``: the result of :func:`fedpir.simulation.cross_modal.cross_modal_summary`."""
@@ -181,6 +192,8 @@ def write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross
 def _write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None) -> Path:
     runs = load_runs(out_dir, methods)
     task_key = "dice" if settings.finetune_task == "segmentation" else "accuracy"
+    summary = {m: final_by_site(r) for m, r in runs.items()}
+    gates = validity_gates(summary) if task_key == "dice" else []
     figures = [
         ("Loss and held-out metrics per round", plot_curves(runs, out_dir / "curves.png")),
         (f"Final held-out {task_key} per site",
@@ -198,6 +211,9 @@ def _write_report(out_dir: Path, methods: list[str], settings: RunSettings, cros
         f"{settings.volume_size}^3 voxels; {settings.pretrain_rounds} pretraining + {settings.finetune_rounds} "
         f"fine-tuning rounds ({settings.finetune_task}); DP {'on' if settings.dp else 'off'}, "
         f"budget epsilon {settings.epsilon_budget}.", "",
+        "## Validity gates", "",
+        gates_table(gates) if gates else "The validity gates are defined on segmentation Dice; this run fine-tunes "
+                                         "for classification.", "",
         "## Final held-out metrics (last round)", "",
         quality_table(runs, (task_key, *(("auroc",) if task_key == "accuracy" else ()), "psnr", "ssim")), "",
     ]
@@ -210,8 +226,8 @@ def _write_report(out_dir: Path, methods: list[str], settings: RunSettings, cros
         lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
-    summary = {m: final_by_site(r) for m, r in runs.items()}
     (out_dir / "summary.json").write_text(json.dumps(
-        {"final": summary, "cross_modal": cross_modal or {}, "settings": settings.to_run_config()},
+        {"final": summary, "gates": [asdict(g) for g in gates], "cross_modal": cross_modal or {},
+         "settings": settings.to_run_config()},
         indent=1, default=float))
     return report

@@ -83,6 +83,19 @@ def run_centralized(settings: RunSettings) -> None:
     torch.save(trainer.model.state_dict(), settings.run_path / "pooled_model.pt")
 
 
+def run_public_only(settings: RunSettings) -> None:
+    """Public-only reference: the warm start as it is, evaluated at each site at the end of each stage
+    without any private round (nothing trains, so one evaluation per stage is the whole curve)."""
+    metrics_log = MetricsLog(settings.run_path / "metrics.jsonl")
+    sites = [Site(settings, settings.federation_path / name, settings.run_path / "sites" / name, name)
+             for name in site_names(settings)]
+    rnd = 0
+    for stage in stages(settings):
+        rnd += stage.rounds
+        for site in sites if stage.rounds else ():
+            metrics_log.write(kind="evaluate", stage=stage.name, round=rnd, site=site.name, metrics=site.evaluate(stage.name))
+
+
 def method_settings(method: str, settings: RunSettings, run_dir: Path,
                     noinv_warm_start: tuple[str, str] = ("", "")) -> RunSettings:
     """The settings a method runs with: its key policy, invariance weight and warm start."""
@@ -94,6 +107,8 @@ def method_settings(method: str, settings: RunSettings, run_dir: Path,
         changes.update(invariance_weight=0.0, warm_start=noinv_warm_start[0], warm_start_sha256=noinv_warm_start[1])
     elif method == "scratch":
         changes.update(warm_start="", warm_start_sha256="")
+    elif method.endswith("-nodp"):
+        changes.update(dp=False)
     return replace(settings, **changes)
 
 
@@ -104,6 +119,8 @@ def run_method(method: str, settings: RunSettings, out_dir: Path, noinv_warm_sta
     if (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir} already holds a run; choose another --out or remove it")
     start = time.perf_counter()
-    {"local": run_local, "centralized": run_centralized}.get(method, run_federated)(run_settings)
+    runners = {"local": run_local, "local-nodp": run_local, "centralized": run_centralized,
+               "pooled-nodp": run_centralized, "public-only": run_public_only}
+    runners.get(method, run_federated)(run_settings)
     log.info("%s finished in %.0f s", method, time.perf_counter() - start)
     return run_dir

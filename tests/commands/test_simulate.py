@@ -17,23 +17,40 @@ TINY = ["--sites", "2", "--subjects", "4", "--size", "16", "--pretrain-rounds", 
 
 def test_simulate_writes_a_report_from_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main(["simulate", "--out", str(out), "--methods", "local,centralized", "--transfer-dtype", "float16", *TINY]) == 0
-    assert "report:" in capsys.readouterr().out
+    methods = ["local", "public-only", "local-nodp", "pooled-nodp"]
+    assert main(["simulate", "--out", str(out), "--methods", ",".join(methods), "--transfer-dtype", "float16", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed
     report = (out / "report.md").read_text()
     for png in ("curves.png", "dice_per_site.png", "epsilon_per_site.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in report
-    for method in ("local", "centralized"):
-        finals = final_by_site(MetricsLog(out / method / "metrics.jsonl").read())
+    records = {m: MetricsLog(out / m / "metrics.jsonl").read() for m in methods}
+    for method in methods:
+        finals = final_by_site(records[method])
         assert set(finals) == {"site-0", "site-1"}
         psnr = finals["site-1"]["psnr"]
         assert f"| {method} | site-1 | " in report and f"{psnr:.3f}" in report
+    # public-only trains nothing; the -nodp references train without spending privacy
+    assert not [r for r in records["public-only"] if r["kind"] == "train"]
+    assert all(r["metrics"].get("epsilon", 0.0) == 0.0 for m in ("local-nodp", "pooled-nodp")
+               for r in records[m] if r["kind"] == "train")
+    assert any(r["metrics"]["epsilon"] > 0 for r in records["local"] if r["kind"] == "train")
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["final"]) == {"local", "centralized"} and summary["settings"]["num-sites"] == 2
+    assert set(summary["final"]) == set(methods) and summary["settings"]["num-sites"] == 2
     assert summary["settings"]["transfer-dtype"] == "float16"
-    assert set(summary["cross_modal"]) == {"local", "centralized"}
+    assert set(summary["cross_modal"]) == set(methods)
     for result in summary["cross_modal"].values():
         assert set(result["sites"]) == {"site-0", "site-1"} and 0 <= result["seen"] <= 1
     assert "Cross-modal generalization" in report
+    # the validity gates, measured from the references, in the report, the summary and the output
+    public = sum(final_by_site(records["public-only"])[s]["dice"] for s in ("site-0", "site-1")) / 2
+    assert summary["gates"][0]["measured"] == pytest.approx(public)
+    gates = summary["gates"]
+    assert [g["holds"] for g in gates] == [gates[0]["measured"] <= 0.2, gates[1]["measured"] >= 0.6,
+                                          gates[2]["measured"] >= 0.15]
+    assert "## Validity gates" in report and f"| {public:.3f} |" in report
+    assert printed.count("gate: ") == 3
+    assert ("cannot tell the methods apart" in printed) == (False in [g["holds"] for g in gates])
     # the same output folder is not overwritten
     assert main(["simulate", "--out", str(out), "--methods", "local", *TINY]) == 2
     assert "already holds runs of local" in capsys.readouterr().err
