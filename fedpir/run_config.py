@@ -39,6 +39,11 @@ def knob(default: Any, help: str, *, choices: Sequence[str] = (), flag: str = ""
     return field(default=default, metadata={"help": help, "choices": tuple(choices), "flag": flag})
 
 
+#: The model grid's edge is bounded: below, the encoder has nothing to downsample; above, one patient's
+#: volumes (256^3 voxels, 5 channels: 335 MB) already strain a hospital's training node.
+MIN_VOLUME_SIZE, MAX_VOLUME_SIZE = 8, 256
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """Every knob of a federated run, with CPU-friendly defaults (each declared once, here)."""
@@ -102,6 +107,8 @@ class RunSettings:
                 raise ValueError(f"{f.name.replace('_', '-')} {value!r} unknown; valid: {', '.join(valid)}")
         for spec in (self.pretrain_trainable, self.finetune_trainable):
             trainable_groups(spec)
+        if not MIN_VOLUME_SIZE <= self.volume_size <= MAX_VOLUME_SIZE:
+            raise ValueError(f"volume-size must be in [{MIN_VOLUME_SIZE}, {MAX_VOLUME_SIZE}] voxels, got {self.volume_size}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         site_sizes(self.subjects_per_site, self.num_sites)  # raises on a bad size list

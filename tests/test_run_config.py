@@ -26,6 +26,9 @@ def test_from_run_config_parses_and_rejects() -> None:
         RunSettings(key_policy="everything")
     with pytest.raises(ValueError, match="seed must be >= 0"):  # before any warm start or corpus is built
         RunSettings.from_run_config({"seed": -1})
+    for size in (4, 1000):  # a server cannot make a site allocate without bound
+        with pytest.raises(ValueError, match=r"volume-size must be in \[8, 256\] voxels"):
+            RunSettings.from_run_config({"volume-size": size})
 
 
 def test_paths_default_under_run_dir(tmp_path: Path) -> None:

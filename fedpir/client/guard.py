@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message
 
 from fedpir.client.site import Site, SiteDataError
 from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyLedger
-from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_plan, site_budget
+from fedpir.privacy.policy import PolicyViolation, SitePolicy, bind_budget, check_plan
 from fedpir.privacy.release import EvaluationAllowance, training_entries
 from fedpir.wire.protocol import (
     BUDGET_EXHAUSTED,
@@ -78,10 +78,7 @@ def _bind(site: Site, policy: SitePolicy) -> None:
         raise LedgerError(f"{site.state_dir}: the privacy ledger on disk ({len(on_disk.entries)} entries) is not the "
                           f"one this site wrote ({len(ledger.entries)} entries): removed, replaced or cut; restore it "
                           "before training (fedpir audit verify)")
-    budget = site.trainer.budget
-    if budget is not None:
-        budget.epsilon_budget = site_budget(policy, ledger, site.settings.epsilon_budget)
-    ledger.stamp = {"policy_sha256": policy.sha256, "site_budget": budget.epsilon_budget if budget else None}
+    bind_budget(policy, ledger, site.trainer.budget, site.settings.epsilon_budget)
 
 
 def admit_training(policy: SitePolicy, site: Site, epochs: int) -> None:

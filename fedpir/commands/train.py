@@ -1,7 +1,10 @@
 """``fedpir train``: a short local training run of one site, private by default, reported as JSON.
 
 A quarter of the site's patients are held out; each round's metrics on them are ``heldout_*``.
-With ``--state-dir`` the rounds spend that folder's privacy budget and are written to its ledger.
+With ``--state-dir`` the rounds spend that folder's privacy budget, are written to its ledger and
+obey the node's privacy policy (``--privacy-policy``, else the safe default that a hospital's node
+gets): a request the policy refuses (``--no-dp``, a larger ``--epsilon``, replayable noise) stops
+before anything trains or is written.
 
 Example::
 
@@ -43,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the per-round records and the config here (JSON)")
     parser.add_argument("--state-dir", type=Path, help="site state folder holding the privacy ledger")
     parser.add_argument("--state-key-file", type=Path, help="key that encrypts the state folder at rest")
+    parser.add_argument("--privacy-policy", type=Path,
+                        help="with --state-dir: the node's privacy policy file (default: the safe default policy)")
     parser.add_argument("--data-root", type=Path, action="append", default=[],
                         help="a folder outside the site folder that the manifest may point into (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,8 +74,17 @@ def run(args: argparse.Namespace) -> int:
     from fedpir.data.layouts import site_vocabulary
     from fedpir.models.groups import objective_for, trainable_groups
     from fedpir.privacy.at_rest import PLAINTEXT, StateCipher
-    from fedpir.privacy.budget import BudgetExceededError
+    from fedpir.privacy.budget import BudgetExceededError, PrivacyLedger
     from fedpir.privacy.dp import dp_config_for
+    from fedpir.privacy.policy import (
+        DEFAULT_POLICY,
+        PolicyViolation,
+        bind_budget,
+        check_plan,
+        check_request,
+        load_policy,
+        site_budget,
+    )
     from fedpir.training.model import build_model
     from fedpir.training.trainer import LocalTrainer
 
@@ -78,8 +92,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     if args.trainable:
         trainable_groups(args.trainable)  # a bad value stops here, before the site is read
+    if args.privacy_policy and not args.state_dir:
+        raise ValueError("--privacy-policy binds a node's state folder: give --state-dir too")
     modalities = site_vocabulary(args.site, args.modalities)
     settings = settings_of(args, modalities)
+    cipher = StateCipher.from_key_file(args.state_key_file) if args.state_key_file else PLAINTEXT
+    policy = (load_policy(args.privacy_policy) if args.privacy_policy else DEFAULT_POLICY) if args.state_dir else None
+    if policy is not None:  # before the data is read or the state folder written
+        try:
+            check_request(policy, settings)
+            budget = site_budget(policy, PrivacyLedger.in_dir(args.state_dir, cipher=cipher), settings.epsilon_budget)
+            check_plan(policy, settings, budget=budget, delta=None, noise_multiplier=None)
+        except PolicyViolation as err:
+            raise ValueError(f"{err} (--state-dir {args.state_dir} obeys the node's privacy policy)") from None
     dataset, report = load_site(args.site, modalities, (settings.volume_size,) * 3, data_roots=args.data_root)
     print(report.summary())
     if len(dataset) == 0:
@@ -89,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
     held_out = len(holdout_set) > 0
     print(f"{len(train_set)} training patients, {len(holdout_set)} held out for evaluation"
           + ("" if held_out else " (too few patients: metrics are on the training patients)"))
-    cipher = StateCipher.from_key_file(args.state_key_file) if args.state_key_file else PLAINTEXT
     trainer = LocalTrainer.for_run(settings, build_model(settings), train_set, state_dir=args.state_dir, seed=args.seed,
                                    state_cipher=cipher)
+    if policy is not None:
+        bind_budget(policy, trainer.ledger, trainer.budget, settings.epsilon_budget)
     objective = objective_for(args.stage, settings.finetune_task)
     groups = trainable_groups(settings.trainable_for(args.stage))
     prefix = "heldout" if held_out else "train"
@@ -99,7 +125,14 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     for r in range(args.rounds):
         try:
+            if policy is not None and trainer.budget is not None:
+                check_plan(policy, settings, budget=trainer.budget.epsilon_budget, delta=trainer.delta,
+                           noise_multiplier=trainer.plan(settings.local_epochs).noise_multiplier)
             train = trainer.train_round(objective, settings.local_epochs, groups=groups, progress=not args.no_progress)
+        except PolicyViolation as err:
+            print(f"round {r}: {err}", file=sys.stderr)
+            status = 2
+            break
         except BudgetExceededError as err:
             print(f"round {r}: {err}", file=sys.stderr)
             status = EXIT_BUDGET

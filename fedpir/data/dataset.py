@@ -8,6 +8,7 @@ the subject lacks a modality), ``present`` bool [M], ``mask`` float32 [1, D, H, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,31 @@ def _source_dict(rec: SubjectRecord, modalities: Sequence[str]) -> dict[str, Any
     return item
 
 
+#: The share of this machine's memory that a site's cached volumes may take.
+CACHE_MEMORY_SHARE = 0.5
+
+
+def cache_bytes(subjects: int, modalities: int, spatial_size: Sequence[int]) -> int:
+    """Memory the cached, preprocessed volumes of ``subjects`` take (float32, every modality and the mask)."""
+    voxels = 1
+    for edge in spatial_size:
+        voxels *= int(edge)
+    return subjects * (modalities + 1) * voxels * 4
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_cache_fits(needed: int, available: int, what: str) -> None:
+    """ValueError (one line, with the way out) if ``needed`` bytes exceed :data:`CACHE_MEMORY_SHARE` of ``available``."""
+    if needed > CACHE_MEMORY_SHARE * available:
+        raise ValueError(f"{what} would take {needed / 2**30:.1f} GiB in memory, more than "
+                         f"{CACHE_MEMORY_SHARE:.0%} of this machine's {available / 2**30:.1f} GiB; "
+                         "choose a smaller volume size (--size)")
+
+
 class SiteDataset(TorchDataset):
     """Subjects of one site as model-ready dicts (see the module docstring).
 
@@ -51,6 +77,9 @@ class SiteDataset(TorchDataset):
         self.modalities = list(modalities)
         self.spatial_size = tuple(int(s) for s in spatial_size)
         self.records = list(records)
+        if cache:
+            check_cache_fits(cache_bytes(len(self.records), len(self.modalities), self.spatial_size), machine_memory(),
+                             f"caching {len(self.records)} subjects at {'x'.join(map(str, self.spatial_size))} voxels")
         data = [_source_dict(rec, self.modalities) for rec in self.records]
         transform = site_transforms(self.modalities, self.spatial_size, with_mask=True)
         self._data: Dataset = (

@@ -1,10 +1,12 @@
 """App approval at a hospital: a SuperNode executes only apps (FABs) whose hash the hospital approved.
 
-The hospital names an allow-list file in its node config, ``approved-apps=/path/approved_apps.txt``:
-one SHA-256 FAB hash per line (``#`` starts a comment). The FAB hash is the SHA-256 of the FAB file,
-the archive ``flwr build`` writes and ``flwr run`` sends (``sha256sum app.fab``; :func:`fab_hash_of_app`
-computes it from a project folder exactly as ``flwr run`` builds it). The list is read for every
-task, so approving or withdrawing an app needs no restart.
+Closed by default: a deployed node (one with a ``data-dir``) runs nothing until it names an allow-list
+file in its node config, ``approved-apps=/path/approved_apps.txt``, or, for development only,
+``approved-apps=allow-any``. The list holds one SHA-256 FAB hash per line (``#`` starts a comment),
+is written 0644 (only its owner approves; a list others may write is refused). The FAB hash is the
+SHA-256 of the FAB file, the archive ``flwr build`` writes and ``flwr run`` sends (``sha256sum
+app.fab``; :func:`fab_hash_of_app` computes it from a project folder exactly as ``flwr run`` builds
+it). The list is read for every task, so approving or withdrawing an app needs no restart.
 
 Where the check runs matters: code inside the app (a ClientApp mod) would come from the very FAB it
 is meant to judge, and a modified app could drop it. So the check runs in the hospital's own code,
@@ -17,8 +19,10 @@ approved task then runs the app's code from its FAB, as under plain Flower (the 
 modules it imported, so the hospital's installed fedpir does not shadow the approved code).
 :func:`write_guard` writes the ``flwr-clientapp`` shim that a SuperNode's ``PATH`` must find first.
 Against misconfiguration (a SuperNode whose PATH misses the shim), the fedpir ClientApp carries
-:func:`require_guard_mod`: with ``approved-apps`` set it refuses any task the guard did not pass (a
-mark in this module, in the task's process; an environment variable would leak into child processes).
+:func:`require_guard_mod`: on a deployed node it refuses any task the guard did not pass (a mark in
+this module, in the task's process; an environment variable would leak into child processes), and any
+task at all when the node names no ``approved-apps``. A simulated node (Flower's simulation engine,
+``partition-id``) is no hospital's and runs without a list.
 The check relies on two module-level names of Flower 1.42's ``flwr.supernode.runtime.run_clientapp``
 (``pull_task_input``, ``install_from_fab``); :func:`install_guard` refuses to start if they moved.
 """
@@ -26,15 +30,22 @@ The check relies on two module-level names of Flower 1.42's ``flwr.supernode.run
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import stat
 import sys
 from pathlib import Path
 
 APPROVED_APPS_KEY = "approved-apps"
+#: The ``approved-apps`` value that approves every app: development only, never in a hospital's config.
+ALLOW_ANY = "allow-any"
+NO_LIST = (f"this node names no approved-apps list, and a deployed node runs no app it has not approved; set "
+           f"approved-apps to the hospital's allow-list (fedpir site approve), or to {ALLOW_ANY} for development")
 #: In the task's process only (never inherited, unlike an environment variable): the FAB hash the guard
 #: passed. This module stays loaded when the app's own copy of fedpir is imported (see :func:`main`).
 GUARDED: dict[str, str] = {}
+#: The allow-list's mode: the SuperNode's user reads it, only its owner writes it.
+LIST_MODE = 0o644
 HASH_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -43,7 +54,12 @@ class AppNotApprovedError(RuntimeError):
 
 
 def read_approved(path: Path | str) -> set[str]:
-    """The approved FAB hashes of an allow-list file (one per line, ``#`` comments, blank lines)."""
+    """The approved FAB hashes of an allow-list file (one per line, ``#`` comments, blank lines);
+    ValueError if others than its owner may write it (anyone could then approve an app)."""
+    mode = stat.S_IMODE(Path(path).expanduser().stat().st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(f"{path} is writable by others than its owner ({mode:04o}), so anyone could approve an app; "
+                         f"chmod {LIST_MODE:o} {path}")
     approved: set[str] = set()
     for number, line in enumerate(Path(path).expanduser().read_text().splitlines(), 1):
         token = line.split("#", 1)[0].strip().lower()
@@ -77,7 +93,9 @@ def approve(list_file: Path | str, fab_hash: str, note: str = "") -> bool:
     if path.exists() and fab_hash in read_approved(path):
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
+    # 0644 whatever the umask: the node reads it, only its owner may approve
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LIST_MODE)
+    with os.fdopen(fd, "a") as fh:
         fh.write(f"{fab_hash}{'  # ' + note if note else ''}\n")
     return True
 
@@ -94,10 +112,12 @@ def withdraw(list_file: Path | str, fab_hash: str) -> bool:
 
 
 def refusal(list_file: str | None, fab_bytes: bytes) -> str | None:
-    """Why this node refuses the FAB (None: approved, or no allow-list configured)."""
-    if not list_file:
-        return None
+    """Why this node refuses the FAB (None: approved, or the list is :data:`ALLOW_ANY`)."""
     fab_hash = hashlib.sha256(fab_bytes).hexdigest()
+    if not list_file:
+        return f"app approval: FAB hash {fab_hash} refused: {NO_LIST}"
+    if list_file == ALLOW_ANY:
+        return None
     try:
         approved = read_approved(list_file)
     except (OSError, ValueError) as err:
@@ -127,9 +147,8 @@ class Guard:
         if reason:
             print(f"fedpir: {reason}", file=sys.stderr)
             raise AppNotApprovedError(reason)
-        if self.list_file:
-            GUARDED["fab_hash"] = hashlib.sha256(fab_file if isinstance(fab_file, bytes)
-                                                 else Path(fab_file).read_bytes()).hexdigest()
+        GUARDED["fab_hash"] = hashlib.sha256(fab_file if isinstance(fab_file, bytes)
+                                             else Path(fab_file).read_bytes()).hexdigest()
         return self._install(fab_file, *args, **kwargs)
 
 
@@ -146,17 +165,27 @@ def install_guard() -> Guard:
     return guard
 
 
+def unguarded_reason(node_config: dict) -> str | None:
+    """Why a task must not run on this node although its app code was loaded (None: it may run): a
+    deployed node (``data-dir``) without ``approved-apps``, or one whose SuperNode did not run the guard."""
+    listed = str(node_config.get(APPROVED_APPS_KEY, ""))
+    if "data-dir" in node_config and not listed:
+        return f"app approval: {NO_LIST}; refused"
+    if listed and listed != ALLOW_ANY and not GUARDED.get("fab_hash"):
+        return ("app approval: approved-apps is set but this SuperNode does not run the fedpir approval guard "
+                "(the flwr-clientapp shim of fedpir.deployment.approval first on PATH); refused")
+    return None
+
+
 def require_guard_mod(msg, context, call_next):
-    """ClientApp mod against misconfiguration (not against a modified app: the guard is that): a node
-    whose config names ``approved-apps`` but whose SuperNode does not run the guard refuses the task
-    instead of running an unchecked app."""
-    if context.node_config.get(APPROVED_APPS_KEY) and not GUARDED.get("fab_hash"):
+    """ClientApp mod against misconfiguration (not against a modified app: the guard is that): a
+    deployed node refuses the task instead of running an unchecked app (:func:`unguarded_reason`)."""
+    reason = unguarded_reason(dict(context.node_config))
+    if reason:
         from flwr.app import Message
         from flwr.app.error import Error
         from flwr.common.constant import ErrorCode
 
-        reason = ("app approval: approved-apps is set but this SuperNode does not run the fedpir approval guard "
-                  "(the flwr-clientapp shim of fedpir.deployment.approval first on PATH); refused")
         print(f"fedpir: {reason}", file=sys.stderr)
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
     return call_next(msg, context)

@@ -179,7 +179,8 @@ def loose_permissions(state_dir: Path) -> list[str]:
 def new_state_key(path: Path) -> Path:
     """Write a new Fernet state key to ``path`` (0600; an existing file is never overwritten)."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():  # a folder made for the key is the owner's only, whatever the umask
+        private_dir(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as err:

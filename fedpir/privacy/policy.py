@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpir.models.groups import KEY_POLICIES
-from fedpir.privacy.budget import PrivacyLedger
+from fedpir.privacy.budget import PrivacyBudget, PrivacyLedger
 from fedpir.run_config import RunSettings
 
 #: The node-config key that names the policy file.
@@ -44,6 +44,22 @@ class PolicyViolation(Exception):
     def __init__(self, rule: str, detail: str) -> None:
         self.rule, self.detail = rule, detail
         super().__init__(f"refused by the site's privacy policy, rule {rule}: {detail}")
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    """``value`` of a policy file's ``key`` if it has the type of the field's default (ValueError naming both)."""
+    numbers = isinstance(value, int | float) and not isinstance(value, bool)
+    wanted = {bool: ("true or false", isinstance(value, bool)),
+              float: ("a number", numbers),
+              int: ("a whole number", isinstance(value, int) and not isinstance(value, bool)),
+              tuple: ('a list of names, for example ["fedpir"]',
+                      isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)),
+              dict: ('a table of metric names to modes, for example {dice = "round"}',
+                     isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values()))}
+    description, ok = wanted[kind]
+    if not ok:
+        raise ValueError(f"privacy policy: {key} must be {description}, got {value!r}")
+    return float(value) if kind is float else value
 
 
 @dataclass(frozen=True)
@@ -106,7 +122,8 @@ class SitePolicy:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SitePolicy:
-        """A policy from a file's keys (hyphenated); an unknown key is an error naming it."""
+        """A policy from a file's keys (hyphenated); an unknown key, or a value of the wrong type, is an
+        error naming it. A file cannot leave ``max-epsilon`` open (None is the research policy's, in code)."""
         known = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
@@ -114,7 +131,7 @@ class SitePolicy:
             if name not in known:
                 raise ValueError(f"privacy policy: unknown key {key!r}; known: "
                                  f"{', '.join(sorted(k.replace('_', '-') for k in known))}")
-            kwargs[name] = value
+            kwargs[name] = _typed(key, value, type(getattr(cls, name, None)) if name != "metrics" else dict)
         return cls(**kwargs)
 
     def to_mapping(self) -> dict[str, Any]:
@@ -174,6 +191,14 @@ def site_budget(policy: SitePolicy, ledger: PrivacyLedger, requested: float) -> 
     (a budget only lowers); with neither (research policy, new site), the run's request."""
     bounds = [b for b in (policy.max_epsilon, recorded_budget(ledger)) if b is not None]
     return min(bounds) if bounds else requested
+
+
+def bind_budget(policy: SitePolicy, ledger: PrivacyLedger, budget: PrivacyBudget | None, requested: float) -> None:
+    """Bind a site's budget to its policy and ledger (:func:`site_budget`; it only lowers) and stamp
+    every new ledger entry with the policy's hash and that budget."""
+    if budget is not None:
+        budget.epsilon_budget = site_budget(policy, ledger, requested)
+    ledger.stamp = {"policy_sha256": policy.sha256, "site_budget": budget.epsilon_budget if budget else None}
 
 
 def check_request(policy: SitePolicy, settings: RunSettings) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fedpir.commands import main
 from fedpir.commands import train as train_cli
 
 
@@ -38,6 +39,32 @@ def test_train_cli_private_rounds_then_budget_refusal(small_federation: Path, tm
     assert json.loads(out.read_text())["rounds"] == []
     ledger = (tmp_path / "state" / "privacy_ledger.jsonl").read_text().splitlines()
     assert len(ledger) == 2
+
+
+@pytest.mark.parametrize(("flags", "rule"), [(["--no-dp"], "dp-required"), (["--epsilon", "20"], "max-epsilon"),
+                                             (["--reproducible-noise"], "secret-noise")])
+def test_train_with_a_nodes_state_folder_obeys_the_nodes_policy(small_federation: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                                rule: str) -> None:
+    state = tmp_path / "state"
+    argv = ["train", "--site", str(small_federation / "site-1"), "--size", "16", "--state-dir", str(state), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"rule {rule}" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not state.exists()  # nothing written: no signed entry, no key
+
+
+def test_the_nodes_own_policy_file_decides(small_federation: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"  # a research node's policy, which allows what the default refuses
+    policy.write_text(json.dumps({"dp-required": False, "max-epsilon": 20, "secret-noise-required": False}))
+    state = tmp_path / "state"
+    argv = ["train", "--site", str(small_federation / "site-1"), "--size", "16", "--state-dir", str(state),
+            "--privacy-policy", str(policy), "--no-dp", "--no-progress"]
+    assert main(argv) == 0
+    (entry,) = [json.loads(line) for line in (state / "privacy_ledger.jsonl").read_text().splitlines()]
+    from fedpir.privacy.policy import load_policy
+
+    assert entry["dp"] is False and entry["policy_sha256"] == load_policy(policy).sha256  # stamped with its policy
 
 
 def test_train_cli_without_dp(small_federation: Path, tmp_path: Path) -> None:

@@ -375,3 +375,13 @@ def test_a_site_that_cannot_serve_says_why_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(SiteDataError, match=r"^site h: no usable subject in .*all-bad, 1 refused \(first: sub-0: t1: "
                                             r"unreadable or truncated file.*\); run `fedpir validate .*all-bad`"):
         site_data(settings, all_bad, "h")
+
+
+def test_a_cache_larger_than_half_the_machine_is_refused_in_one_line() -> None:
+    from fedpir.data.dataset import cache_bytes, check_cache_fits, machine_memory
+
+    assert cache_bytes(2, 4, (16, 16, 16)) == 2 * 5 * 16**3 * 4  # four modalities and the mask, float32
+    check_cache_fits(cache_bytes(60, 5, (64,) * 3), 16 * 2**30, "a hospital of 60 at 64^3")
+    with pytest.raises(ValueError, match=r"would take 18\.8 GiB in memory, more than 50% of this machine's 16\.0 GiB"):
+        check_cache_fits(cache_bytes(60, 4, (256,) * 3), 16 * 2**30, "caching 60 subjects")
+    assert machine_memory() > 2**28

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def test_refusal_decisions(tmp_path: Path) -> None:
     listed.write_text(digest + "\n")
     other = tmp_path / "other.txt"
     other.write_text("0" * 64 + "\n")
-    assert approval.refusal(None, fab) is None  # no list configured: no policy
+    assert "names no approved-apps list" in approval.refusal(None, fab)  # closed by default
+    assert approval.refusal(approval.ALLOW_ANY, fab) is None  # development only, said explicitly
     assert approval.refusal(str(listed), fab) is None
     assert f"FAB hash {digest} is not approved" in approval.refusal(str(other), fab)
     missing = approval.refusal(str(tmp_path / "missing.txt"), fab)
@@ -85,7 +87,12 @@ def test_guard_refuses_before_install(tmp_path: Path, monkeypatch: pytest.Monkey
     assert installed == [b"approved fab"]
     context.node_config = {}
     guard.pull(None)
-    assert guard.install(b"other fab") == "path"  # a node without a list runs what it is sent
+    with pytest.raises(approval.AppNotApprovedError, match="names no approved-apps list"):
+        guard.install(b"other fab")  # a node without a list runs nothing
+    context.node_config = {approval.APPROVED_APPS_KEY: approval.ALLOW_ANY}
+    guard.pull(None)
+    assert guard.install(b"other fab") == "path"
+    assert installed == [b"approved fab", b"other fab"]
 
 
 def test_guard_hooks_exist_in_this_flower() -> None:
@@ -133,7 +140,10 @@ def test_clientapp_refuses_when_approval_is_configured_but_unguarded(monkeypatch
     listed = {approval.APPROVED_APPS_KEY: str(tmp_path / "approved.txt")}
     reply = task(listed)
     assert reply.has_error() and "does not run the fedpir approval guard" in reply.error.reason and not calls
-    assert not task({"data-dir": "/data"}).has_error() and calls == ["app"]  # no list: no policy
+    unlisted = task({"data-dir": "/data"})  # a deployed node without a list: closed by default
+    assert unlisted.has_error() and "names no approved-apps list" in unlisted.error.reason and not calls
+    assert not task({"data-dir": "/data", approval.APPROVED_APPS_KEY: approval.ALLOW_ANY}).has_error()
+    assert not task({"partition-id": 0}).has_error() and calls == ["app", "app"]  # a simulated node is no hospital
     # the guard approved this task's FAB (as Guard.install does before the app is imported)
     fab = b"approved fab"
     (tmp_path / "approved.txt").write_text(hashlib.sha256(fab).hexdigest() + "\n")
@@ -142,4 +152,19 @@ def test_clientapp_refuses_when_approval_is_configured_but_unguarded(monkeypatch
     guard.pull(None)
     guard.install(fab)
     assert approval.GUARDED == {"fab_hash": hashlib.sha256(fab).hexdigest()}
-    assert not task(listed).has_error() and calls == ["app", "app"]
+    assert not task(listed).has_error() and calls == ["app"] * 3
+
+
+def test_the_allow_list_is_the_owners_whatever_the_umask(tmp_path: Path) -> None:
+    fab = b"some fab"
+    listed = tmp_path / "lists" / "approved.txt"
+    old = os.umask(0)  # a careless admin's shell
+    try:
+        assert approval.approve(listed, hashlib.sha256(fab).hexdigest())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(listed.stat().st_mode) == approval.LIST_MODE
+    assert approval.refusal(str(listed), fab) is None
+    listed.chmod(0o666)  # anyone could now approve an app: the node refuses every task
+    reason = approval.refusal(str(listed), fab)
+    assert "writable by others than its owner (0666)" in reason and "chmod 644" in reason

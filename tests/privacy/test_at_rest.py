@@ -4,6 +4,7 @@ wrong or missing key, and what `fedpir site status` says. Real `cryptography`, r
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -87,6 +88,15 @@ def test_ledger_signing_key_is_encrypted_and_the_ledger_still_verifies(tmp_path:
     with pytest.raises(StateKeyError, match="no state key is configured"):
         PrivacyLedger.in_dir(state)
     assert verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME)).ok
+
+
+def test_a_new_key_and_its_new_folder_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)  # a careless admin's shell
+    try:
+        key_file = new_state_key(tmp_path / "keys" / "state.key")
+    finally:
+        os.umask(old)
+    assert mode(key_file) == 0o600 and mode(key_file.parent) == 0o700
 
 
 def test_key_sources_and_their_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,6 +106,22 @@ def test_policy_files_load_and_name_unknown_keys(tmp_path: Path) -> None:
     assert policy_of_node({"partition-id": 0}) != DEFAULT_POLICY  # the simulation's synthetic sites
 
 
+@pytest.mark.parametrize(("values", "message"), [
+    ({"max-epsilon": None}, "max-epsilon must be a number, got None"),  # would let the server pick the budget
+    ({"max-epsilon": "8"}, "max-epsilon must be a number, got '8'"),
+    ({"key-policies": "fedpir"}, 'key-policies must be a list of names, for example ["fedpir"]'),
+    ({"dp-required": "yes"}, "dp-required must be true or false"),
+    ({"evaluations-per-round": 1.5}, "evaluations-per-round must be a whole number"),
+    ({"metrics": {"dice": 1}}, "metrics must be a table of metric names to modes"),
+])
+def test_policy_values_are_typed_with_one_line_errors(tmp_path: Path, values: dict, message: str) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(values))
+    with pytest.raises(ValueError) as err:
+        load_policy(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(("request_", "rule"), [
     ({"dp": False}, "dp-required"),
     ({"epsilon_budget": 50.0}, "max-epsilon"),
