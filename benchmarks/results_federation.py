@@ -56,6 +56,30 @@ def default_simulation(r: Results) -> list[str]:
     ]
 
 
+GATES = "validity_gates"
+
+
+def validity_gates(r: Results) -> list[str]:
+    seeds = sorted(p.name for p in (r.folder / GATES).glob("seed-*"))
+    gates = {seed: r.json(f"{GATES}/{seed}/summary.json")["gates"] for seed in seeds}
+    first = next(iter(gates.values()))
+    mean = [float(np.mean([gates[s][i]["measured"] for s in seeds])) for i in range(len(first))]
+    rows = [[g["name"], g["rule"], *(f"{gates[s][i]['measured']:.3f} ({'holds' if gates[s][i]['holds'] else 'fails'})"
+                                     for s in seeds)] for i, g in enumerate(first)]
+    return [
+        "## Validity gates of the default benchmark", "",
+        f"Commands ({r.link(f'{GATES}/COMMANDS.md', 'COMMANDS.md')}):", "",
+        *code(r.commands(GATES, "fedpir simulate")), "",
+        *table(["gate", "rule", *seeds], rows), "",
+        "Reports: " + ", ".join(r.link(f"{GATES}/{s}/report.md", s) for s in seeds) + ".", "",
+        f"What this says: on the default simulation the public warm start alone (mean Dice {mean[0]:.3f} over the "
+        f"seeds) reaches about what all sites' data pooled without DP reaches ({mean[1]:.3f}), and one site alone, "
+        f"without DP, is within {abs(mean[2]):.3f} of the pool. So every comparison of "
+        "methods on it (the section above) measures noise, not methods: the benchmark's task must become private "
+        "before a federated method can show what it buys.",
+    ]
+
+
 def privacy_utility(r: Results) -> list[str]:
     name = "privacy_utility/privacy_utility.json"
     dice = r.json(name)["dice"]

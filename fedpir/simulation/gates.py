@@ -40,11 +40,11 @@ def validity_gates(finals: Finals, key: str = "dice") -> list[Gate]:
     public, pooled, local = (mean_final(finals, m, key) for m in ("public-only", "pooled-nodp", "local-nodp"))
     gap = None if pooled is None or local is None else pooled - local
     return [
-        Gate("the task is private", f"public-only {key} <= {PUBLIC_ONLY_MAX}", public,
+        Gate("private task", f"public-only {key} <= {PUBLIC_ONLY_MAX}", public,
              None if public is None else public <= PUBLIC_ONLY_MAX),
-        Gate("the task is learnable", f"pooled-nodp {key} >= {POOLED_MIN}", pooled,
+        Gate("learnable task", f"pooled-nodp {key} >= {POOLED_MIN}", pooled,
              None if pooled is None else pooled >= POOLED_MIN),
-        Gate("one site alone is not enough", f"pooled-nodp - local-nodp {key} >= {LOCAL_GAP_MIN}", gap,
+        Gate("beyond one site", f"pooled-nodp - local-nodp {key} >= {LOCAL_GAP_MIN}", gap,
              None if gap is None else gap >= LOCAL_GAP_MIN),
     ]
 
@@ -55,7 +55,7 @@ def verdict(gates: list[Gate]) -> str:
     missing = [g for g in gates if g.holds is None]
     if failed:
         return ("This run cannot tell the methods apart: " + "; ".join(
-            f"{g.name} fails ({g.rule}, measured {g.measured:.3f})" for g in failed) + ".")
+            f"the {g.name!r} gate fails ({g.rule}, measured {g.measured:.3f})" for g in failed) + ".")
     if missing:
         return ("The gates were not all measured (run the methods public-only, local-nodp and pooled-nodp): "
                 "whether this run can tell the methods apart is unknown.")

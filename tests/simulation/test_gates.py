@@ -24,7 +24,8 @@ def test_a_public_warm_start_that_solves_the_task_fails_the_first_gate_and_the_v
     assert [g.holds for g in gates] == [False, True, False]
     text = verdict(gates)
     assert text.startswith("This run cannot tell the methods apart")
-    assert f"public-only dice <= {PUBLIC_ONLY_MAX}, measured 0.630" in text and "one site alone" in text
+    assert f"the 'private task' gate fails (public-only dice <= {PUBLIC_ONLY_MAX}, measured 0.630)" in text
+    assert "'beyond one site' gate fails" in text and "learnable" not in text
 
 
 def test_thresholds_are_inclusive_and_nan_sites_are_left_out() -> None:
