@@ -25,6 +25,7 @@ from fedpir.alignment.records import record_digest, statistics_record
 from fedpir.alignment.text import TextEncoder, load_text_encoder
 from fedpir.alignment.zeroshot import LESION_PROMPTS, binary_metrics, class_embeddings, zero_shot_scores
 from fedpir.client.site import Site
+from fedpir.data.patients import patient_share
 from fedpir.privacy.release import ALIGNMENT_OBJECTIVE
 
 
@@ -53,9 +54,10 @@ def statistics_reply(site: Site, message: str) -> tuple[ArrayRecord, ConfigRecor
     return record, ConfigRecord({"text-encoder": encoder.name, "pooling": pooling}), stats.n
 
 
-def zero_shot_metrics(site: Site, amap: AlignmentMap) -> tuple[dict[str, float], int]:
+def zero_shot_metrics(site: Site, amap: AlignmentMap) -> tuple[dict[str, float], int, float]:
     """Accuracy and AUROC of zero-shot lesion classification (present/absent, ``LESION_PROMPTS``)
-    of the site's held-out sessions that have a 0/1 label, and how many there are."""
+    of the site's held-out sessions that have a 0/1 label, how many there are, and the ``n`` of their
+    sensitivity to one patient (:func:`~fedpir.data.patients.patient_share`)."""
     held_out = site.holdout_set
     records = held_out.dataset.records  # type: ignore[attr-defined]
     scored = [i for i in held_out.indices if records[i].label in (0, 1)]
@@ -64,4 +66,4 @@ def zero_shot_metrics(site: Site, amap: AlignmentMap) -> tuple[dict[str, float],
     z, _ = embed_dataset(site.model, Subset(held_out.dataset, scored), pooling=site.settings.align_pooling)
     scores = zero_shot_scores(amap, z, class_embeddings(text_encoder(site.settings.text_encoder), LESION_PROMPTS))
     metrics = binary_metrics(scores[:, 1] - scores[:, 0], np.array([records[i].label for i in scored]))
-    return {"accuracy": metrics["accuracy"], "auroc": metrics["auroc"]}, len(scored)
+    return {"accuracy": metrics["accuracy"], "auroc": metrics["auroc"]}, len(scored), patient_share(records, scored)

@@ -35,6 +35,7 @@ from flwr.compat.common import recorddict_compat as compat
 from fedpir.alignment.records import map_from_records
 from fedpir.client.alignment import statistics_reply, zero_shot_metrics
 from fedpir.client.guard import admit_alignment, admit_evaluation, admit_training, answered
+from fedpir.client.retry import LastReply, request_digest
 from fedpir.client.secure_mod import secure_aggregation_mod, under_secure_aggregation
 from fedpir.client.site import Site, site_state_dir
 from fedpir.deployment.approval import require_guard_mod
@@ -51,6 +52,7 @@ from fedpir.wire.protocol import (
     MAP_RECORD,
     NUM_EXAMPLES_KEY,
     PROXIMAL_MU_KEY,
+    ROUND_KEY,
     STAGE_KEY,
     has_modality_key,
 )
@@ -95,20 +97,19 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
     return _SITES[key]
 
 
-def _released(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int) -> dict[str, float]:
-    """The metrics the policy releases (computed over ``n`` patients) and the modality flags."""
+def _released(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int,
+              patients: float | None = None) -> dict[str, float]:
+    """The metrics the policy releases (computed over ``n`` examples; ``patients``: the ``n`` of their
+    sensitivity to one patient, ``n`` if not given) and the modality flags."""
     flags = {has_modality_key(m): float(m in site.modalities) for m in site.settings.vocabulary}
-    return release({**metrics, **flags, NUM_EXAMPLES_KEY: n}, policy, n_patients=n, budget=site.trainer.budget,
-                   message=msg.metadata.message_type)
+    return release({**metrics, **flags, NUM_EXAMPLES_KEY: n}, policy, n_patients=n if patients is None else patients,
+                   budget=site.trainer.budget, message=msg.metadata.message_type)
 
 
-def _reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int,
-           arrays: ArrayRecord | None, **records: ArrayRecord | ConfigRecord) -> Message:
-    """The reply: the released metrics, the site's name, ``arrays`` and any other ``records`` by name."""
-    content = RecordDict({
-        "metrics": MetricRecord(_released(msg, site, policy, metrics, n)),
-        "site": ConfigRecord({"name": site.name}),
-    })
+def _reply(msg: Message, site: Site, released: dict[str, float], arrays: ArrayRecord | None,
+           **records: ArrayRecord | ConfigRecord) -> Message:
+    """The reply: the ``released`` metrics, the site's name, ``arrays`` and any other ``records`` by name."""
+    content = RecordDict({"metrics": MetricRecord(released), "site": ConfigRecord({"name": site.name})})
     if arrays is not None:
         content["arrays"] = arrays
     for name, record in records.items():
@@ -116,11 +117,10 @@ def _reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, floa
     return Message(content=content, reply_to=msg)
 
 
-def _secure_reply(msg: Message, site: Site, policy: SitePolicy, metrics: dict[str, float], n: int,
+def _secure_reply(msg: Message, site: Site, released: dict[str, float], n: int,
                   update: dict[str, torch.Tensor]) -> Message:
     """The reply SecAgg+ masks: Flower's legacy FitRes layout with the update in
     :func:`~fedpir.privacy.secure_aggregation.key_order`, weighted by the released ``num-examples``."""
-    released = _released(msg, site, policy, metrics, n)
     ndarrays = [update[k].detach().cpu().numpy().astype(np.float32) for k in key_order(update)]
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(ndarrays), int(released.get(NUM_EXAMPLES_KEY, n)),
                     released)
@@ -174,18 +174,27 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
     @app.train()
     @answered
     def train(msg: Message, context: Context) -> Message:
-        """Load the global shared weights, train locally under DP, reply with the shared weights only."""
+        """Load the global shared weights, train locally under DP, reply with the shared weights only
+        (a repeated request gets the reply already released, and nothing trains: fedpir.client.retry)."""
         site, site_policy = admitted_site(context, settings)
         config, received, secure = _train_request(msg, site)
         epochs = int(config.get(EPOCHS_KEY, site.settings.local_epochs))
-        admit_training(site_policy, site, epochs)
-        site.load_global(received)
-        metrics = site.train(str(config[STAGE_KEY]), epochs=epochs, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
+        stage, n = str(config[STAGE_KEY]), len(site.train_set)
+        asked = (settings or RunSettings.from_run_config(dict(context.run_config))).to_run_config()
+        digest = request_digest(asked, stage, int(config.get(ROUND_KEY, 0)), epochs, received)
+        last = LastReply(site.state_dir, site.cipher)
+        replayed = last.replay(digest)
+        if replayed is None:
+            admit_training(site_policy, site, epochs)
+            site.load_global(received)
+            metrics = site.train(stage, epochs=epochs, proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)))
+            weights, released = site.sent_state(), _released(msg, site, site_policy, metrics, n)
+            last.remember(digest, weights, released)
+        else:
+            weights, released = replayed
         if secure:
-            update = {k: v - received[k] for k, v in site.sent_state().items()}
-            return _secure_reply(msg, site, site_policy, metrics, len(site.train_set), update)
-        sent = encode_reply(site.sent_state(), received, site.settings.transfer_dtype)
-        return _reply(msg, site, site_policy, metrics, len(site.train_set), sent)
+            return _secure_reply(msg, site, released, n, {k: v - received[k] for k, v in weights.items()})
+        return _reply(msg, site, released, encode_reply(weights, received, site.settings.transfer_dtype))
 
     @app.evaluate()
     @answered
@@ -194,7 +203,8 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
         site, site_policy = site_with_global(msg, context, settings, admit_evaluation)
         with torch.no_grad():
             metrics = site.evaluate(str(msg.content["config"][STAGE_KEY]))
-        return _reply(msg, site, site_policy, metrics, len(site.holdout_set), None)
+        released = _released(msg, site, site_policy, metrics, len(site.holdout_set), site.holdout_patients)
+        return _reply(msg, site, released, None)
 
     @app.query(ALIGN_STATISTICS.split(".")[1])
     @answered
@@ -202,7 +212,7 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
         """With the global weights, the sufficient statistics of the site's anchors (if its policy lets them leave)."""
         site, site_policy = site_with_global(msg, context, settings, admit_alignment)
         statistics, described, n = statistics_reply(site, msg.metadata.message_type)
-        return _reply(msg, site, site_policy, {}, n, statistics, **{ALIGNMENT_RECORD: described})
+        return _reply(msg, site, _released(msg, site, site_policy, {}, n), statistics, **{ALIGNMENT_RECORD: described})
 
     @app.query(ALIGN_ZEROSHOT.split(".")[1])
     @answered
@@ -210,8 +220,8 @@ def make_client_app(settings: RunSettings | None = None, mods: list[Mod] | None 
         """With the global weights and the map T, zero-shot metrics on the site's held-out patients."""
         site, site_policy = site_with_global(msg, context, settings, admit_evaluation)
         amap = map_from_records(msg.content.array_records[MAP_RECORD], msg.content.config_records[ALIGNMENT_RECORD])
-        metrics, n = zero_shot_metrics(site, amap)
-        return _reply(msg, site, site_policy, metrics, n, None)
+        metrics, n, patients = zero_shot_metrics(site, amap)
+        return _reply(msg, site, _released(msg, site, site_policy, metrics, n, patients), None)
 
     return app
 

@@ -24,7 +24,7 @@ from torch.utils.data import Subset
 from fedpir.data.confinement import data_roots_from
 from fedpir.data.dataset import SiteDataset, load_site
 from fedpir.data.manifest import ManifestError
-from fedpir.data.patients import PatientDataset, patient_groups
+from fedpir.data.patients import PatientDataset, patient_groups, patient_share
 from fedpir.models.groups import objective_for, trainable_groups
 from fedpir.models.warm_start import RECORD_NAME, warm_start_record
 from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, load_tensors, private_dir, save_tensors, write_private
@@ -99,6 +99,8 @@ class Site:
         self.state_dir = private_dir(Path(state_dir))
         self.name = name or Path(data_dir).name
         self.train_set, self.holdout_set, self.modalities = site_data(settings, data_dir, self.name, data_roots)
+        #: Held-out patients, not sessions, for the sensitivity of released held-out averages.
+        self.holdout_patients = patient_share(self.holdout_set.dataset.records, self.holdout_set.indices)
         self.model = build_model(settings)
         if settings.warm_start:  # build_model started from it, after checking its checksum
             write_private(self.state_dir / RECORD_NAME, warm_start_record(settings.warm_start, settings.warm_start_sha256))

@@ -35,6 +35,16 @@ def patient_groups(records: Sequence[SubjectRecord]) -> list[list[int]]:
     return list(groups.values())
 
 
+def patient_share(records: Sequence[SubjectRecord], indices: Sequence[int]) -> float:
+    """The ``n`` of a per-session average over the sessions ``indices`` whose sensitivity to one
+    patient is ``range / n``: the sessions divided by the most sessions one patient has among them
+    (one patient with two of four sessions moves the average by up to 2/4, as if n were 2)."""
+    counts: dict[str, int] = {}
+    for i in indices:
+        counts[records[i].patient_id] = counts.get(records[i].patient_id, 0) + 1
+    return len(indices) / max(counts.values()) if counts else 0.0
+
+
 def merge_patients(records: Sequence[SubjectRecord], same: Iterable[Iterable[str]]) -> list[SubjectRecord]:
     """``records`` with the patients of each set of subject ids in ``same`` merged into one patient
     (the first-listed record's patient id, transitively); records are copied, not modified."""

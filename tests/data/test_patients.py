@@ -19,7 +19,7 @@ from fedpir.commands import main
 from fedpir.data.dataset import SiteDataset, load_site
 from fedpir.data.layouts import open_site
 from fedpir.data.manifest import SiteManifest, SubjectRecord, load_manifest, write_manifest
-from fedpir.data.patients import PatientDataset, merge_patients, patient_groups
+from fedpir.data.patients import PatientDataset, merge_patients, patient_groups, patient_share
 from fedpir.data.validation import validate_site
 from fedpir.models.pir import PIRConfig, PIRNet
 from fedpir.privacy.budget import PrivacyBudget
@@ -184,3 +184,18 @@ def test_merge_patients_is_transitive() -> None:
 def test_patient_dataset_rejects_a_patient_without_sessions() -> None:
     with pytest.raises(ValueError, match="at least one session"):
         PatientDataset(SiteDataset([], ["t1"], cache=False), [[]])
+
+
+def test_a_released_average_counts_the_patient_with_most_sessions(brats: Path) -> None:
+    """The n of a held-out average's sensitivity: one patient with two of the sessions counts as the
+    share it can move, never as two patients (which would halve the noise of a released metric)."""
+    sessions, _ = load_site(brats, ["t1", "t2"], SIZE)
+    records = sessions.records
+    both = [i for i, r in enumerate(records) if r.patient_id == records[0].patient_id]
+    assert len(both) == 2 and patient_share(records, both) == 1.0
+    assert patient_share(records, range(len(records))) == 2.5  # 5 sessions, 2 of one patient
+    singles = [i for i in range(len(records)) if i not in both]
+    assert patient_share(records, singles) == 3.0 and patient_share(records, []) == 0.0
+    seed = next(s for s in range(100) if len(split_patients(sessions, s)[1]) == 2)  # that patient held out
+    _, holdout = split_patients(sessions, seed)
+    assert patient_share(records, holdout.indices) == 1.0

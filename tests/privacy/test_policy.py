@@ -55,14 +55,14 @@ def write_policy(path: Path, **values) -> Path:
 
 
 def send(kind: str, settings: RunSettings, site_dir: Path, state: Path | None, policy: Path | None = None,
-         arrays: ArrayRecord | None = None) -> Message:
+         arrays: ArrayRecord | None = None, rnd: int = 1) -> Message:
     """One server request, as Flower delivers it to a hospital's node, through the ClientApp."""
     if arrays is None:
         model = build_model(settings)
         keys = set(model.federated_keys(settings.key_policy))
         arrays = ArrayRecord({k: v for k, v in model.state_dict().items() if k in keys})
     content = RecordDict({"arrays": arrays,
-                          "config": ConfigRecord({STAGE_KEY: "finetune", ROUND_KEY: 1, EPOCHS_KEY: 1})})
+                          "config": ConfigRecord({STAGE_KEY: "finetune", ROUND_KEY: rnd, EPOCHS_KEY: 1})})
     node = ({"data-dir": str(site_dir)} | ({"state-dir": str(state)} if state else {})
             | ({"privacy-policy": str(policy)} if policy else {}))
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=settings.to_run_config())
@@ -203,12 +203,12 @@ def test_a_missing_or_edited_ledger_stops_training(tmp_path: Path, site_dir: Pat
 
 def test_a_site_another_worker_trained_is_reloaded_not_refused(tmp_path: Path, site_dir: Path) -> None:
     settings, state = settings_for(tmp_path), tmp_path / "state"
-    assert not send("train", settings, site_dir, state).has_error()
+    assert not send("train", settings, site_dir, state, rnd=1).has_error()
     this_worker = dict(client_app._SITES)
     client_app._SITES.clear()  # a second worker process of the same node trains the next round
-    assert not send("train", settings, site_dir, state).has_error()
+    assert not send("train", settings, site_dir, state, rnd=2).has_error()
     client_app._SITES.update(this_worker)  # back to the first worker, whose copy is a round behind
-    reply = send("train", settings, site_dir, state)
+    reply = send("train", settings, site_dir, state, rnd=3)
     assert not reply.has_error()
     entries = [json.loads(line) for line in (state / LEDGER_NAME).read_text().splitlines()]
     assert len(entries) == 3 and reply.content["metrics"]["epsilon"] == entries[-1]["epsilon"] > entries[1]["epsilon"]
