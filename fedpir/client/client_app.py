@@ -40,7 +40,7 @@ from fedpir.client.secure_mod import secure_aggregation_mod, under_secure_aggreg
 from fedpir.client.site import Site, site_state_dir
 from fedpir.deployment.approval import require_guard_mod
 from fedpir.privacy.budget import PrivacyLedger
-from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_request, policy_of_node
+from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_request, policy_of_node, site_settings
 from fedpir.privacy.release import release
 from fedpir.privacy.secure_aggregation import key_order
 from fedpir.run_config import RunSettings
@@ -147,10 +147,12 @@ def _train_request(msg: Message, site: Site) -> tuple[ConfigRecord, dict[str, to
 
 
 def admitted_site(context: Context, settings: RunSettings | None) -> tuple[Site, SitePolicy]:
-    """The site of this node and its privacy policy, once the run's settings passed the policy."""
+    """The site of this node and its privacy policy, once the run's settings passed the policy; the
+    site runs them as its policy says (its own noise share: :func:`~fedpir.privacy.policy.site_settings`)."""
     policy = policy_of_node(dict(context.node_config))
-    check_request(policy, run_settings(context, settings))  # before the site is built
-    return site_for(context, settings), policy
+    asked = run_settings(context, settings)
+    check_request(policy, asked)  # before the site is built
+    return site_for(context, site_settings(policy, asked)), policy
 
 
 def site_with_global(msg: Message, context: Context, settings: RunSettings | None,

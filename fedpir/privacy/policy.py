@@ -23,12 +23,13 @@ import json
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fedpir.models.groups import KEY_POLICIES
 from fedpir.privacy.budget import PrivacyBudget, PrivacyLedger
+from fedpir.privacy.secure_aggregation import noise_share
 from fedpir.run_config import RunSettings
 
 #: The node-config key that names the policy file.
@@ -78,9 +79,15 @@ class SitePolicy:
         evaluations_per_round: evaluate requests answered per local training round.
         metric_noise_multiplier: Gaussian noise (in units of a metric's sensitivity) of the
             metrics released in ``noise`` mode.
-        distributed_noise_allowed: under secure aggregation the site may add only its share of the
-            noise (``distributed-noise``): its guarantee against the server then rests on SecAgg+ and
-            on enough honest sites (:mod:`fedpir.privacy.secure_aggregation`).
+        distributed_noise_sites: under secure aggregation and ``distributed-noise``, the number of
+            sites this site splits its DP noise with: it adds noise of std ``sigma / sqrt(this)``,
+            whatever the server asks, and takes part only in runs whose server needs at least this
+            many contributing sites (``min-sites``); its guarantee against the server then rests on
+            SecAgg+ and on that many honest sites (:mod:`fedpir.privacy.secure_aggregation`). 0: the
+            site never adds less than the whole noise. None (research policy only): the server's
+            ``min-sites``.
+        min_own_noise_multiplier: under distributed noise, the smallest noise multiplier of the
+            noise this site adds itself (its protection if SecAgg+ or the other sites fail it).
         metrics: per patient-derived metric, how it may leave (:data:`METRIC_MODES`): by name
             (``dice``), by declared prefix (``loss_``: every training loss term) or ``*`` (all);
             metrics not named take the declared default of :data:`fedpir.privacy.release.METRICS`.
@@ -98,7 +105,8 @@ class SitePolicy:
     secret_noise_required: bool = True
     evaluations_per_round: int = 1
     metric_noise_multiplier: float = 20.0
-    distributed_noise_allowed: bool = False
+    distributed_noise_sites: int | None = 0
+    min_own_noise_multiplier: float = 0.3
     metrics: Mapping[str, str] = field(default_factory=dict)
     alignment_statistics: bool = False
 
@@ -109,6 +117,10 @@ class SitePolicy:
             raise ValueError(f"privacy policy: max-delta must be in (0, 1), got {self.max_delta}")
         if self.min_noise_multiplier < 0 or self.metric_noise_multiplier <= 0:
             raise ValueError("privacy policy: min-noise-multiplier must be >= 0 and metric-noise-multiplier > 0")
+        if self.distributed_noise_sites is not None and self.distributed_noise_sites < 0:
+            raise ValueError(f"privacy policy: distributed-noise-sites must be >= 0, got {self.distributed_noise_sites}")
+        if self.min_own_noise_multiplier < 0:
+            raise ValueError(f"privacy policy: min-own-noise-multiplier must be >= 0, got {self.min_own_noise_multiplier}")
         if self.evaluations_per_round < 0:
             raise ValueError(f"privacy policy: evaluations-per-round must be >= 0, got {self.evaluations_per_round}")
         unknown = [k for k in self.key_policies if k not in KEY_POLICIES]
@@ -150,7 +162,7 @@ DEFAULT_POLICY = SitePolicy()
 #: Never for a hospital: only nodes of the simulation engine get it (see policy_of_node).
 RESEARCH_POLICY = SitePolicy(dp_required=False, max_epsilon=None, max_delta=0.5, min_noise_multiplier=0.0,
                              key_policies=KEY_POLICIES, secret_noise_required=False, evaluations_per_round=1_000_000,
-                             distributed_noise_allowed=True,
+                             distributed_noise_sites=None, min_own_noise_multiplier=0.0,
                              metrics={"*": "exact"}, alignment_statistics=True)
 
 
@@ -201,6 +213,18 @@ def bind_budget(policy: SitePolicy, ledger: PrivacyLedger, budget: PrivacyBudget
     ledger.stamp = {"policy_sha256": policy.sha256, "site_budget": budget.epsilon_budget if budget else None}
 
 
+def noise_sites(policy: SitePolicy, settings: RunSettings) -> int:
+    """How many sites this site splits its noise with under distributed noise: its policy's number,
+    the server's ``min-sites`` only where the policy leaves it open (research); 0: it never does."""
+    return settings.min_sites if policy.distributed_noise_sites is None else policy.distributed_noise_sites
+
+
+def site_settings(policy: SitePolicy, settings: RunSettings) -> RunSettings:
+    """The run settings as this site runs them: under distributed noise its noise share comes from
+    its policy (:func:`noise_sites`), not from the server's ``min-sites``."""
+    return replace(settings, min_sites=noise_sites(policy, settings)) if settings.distributed_noise else settings
+
+
 def check_request(policy: SitePolicy, settings: RunSettings) -> None:
     """Raise :class:`PolicyViolation` if the run settings ask for what the policy forbids (the
     settings alone; :func:`check_plan` checks what depends on the site's ledger and data)."""
@@ -212,8 +236,13 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> None:
         raise PolicyViolation("secret-noise", "the server asked for noise replayable from the run's seed")
     if settings.dp and settings.delta > policy.max_delta:
         raise PolicyViolation("max-delta", f"delta {settings.delta:g} > {policy.max_delta:g}")
-    if settings.distributed_noise and not policy.distributed_noise_allowed:
-        raise PolicyViolation("distributed-noise", "the server asked the site to add only its share of the DP noise")
+    if settings.distributed_noise:
+        sites = noise_sites(policy, settings)
+        if not sites:
+            raise PolicyViolation("distributed-noise", "the server asked the site to add only its share of the DP noise")
+        if settings.min_sites < sites:
+            raise PolicyViolation("distributed-noise", f"the run needs only {settings.min_sites} contributing sites; this "
+                                                       f"site splits its noise only with at least {sites}")
     if settings.dp and policy.max_epsilon is not None and settings.epsilon_budget > policy.max_epsilon:
         raise PolicyViolation("max-epsilon", f"epsilon budget {settings.epsilon_budget:g} > {policy.max_epsilon:g}")
 
@@ -230,3 +259,7 @@ def check_plan(policy: SitePolicy, settings: RunSettings, *, budget: float, delt
     if noise_multiplier is not None and noise_multiplier < policy.min_noise_multiplier:
         raise PolicyViolation("min-noise-multiplier",
                               f"noise multiplier {noise_multiplier:.4g} < {policy.min_noise_multiplier:g}")
+    own = None if noise_multiplier is None else noise_multiplier * noise_share(settings.distributed_noise, settings.min_sites)
+    if own is not None and settings.distributed_noise and own < policy.min_own_noise_multiplier:
+        raise PolicyViolation("min-own-noise-multiplier",
+                              f"this site's own noise multiplier {own:.4g} < {policy.min_own_noise_multiplier:g}")

@@ -21,7 +21,7 @@ from fedpir.client.client_app import make_client_app
 from fedpir.client.site import Site
 from fedpir.commands import main
 from fedpir.privacy.budget import LEDGER_NAME
-from fedpir.privacy.policy import DEFAULT_POLICY, SitePolicy, load_policy, policy_of_node
+from fedpir.privacy.policy import DEFAULT_POLICY, PolicyViolation, SitePolicy, load_policy, policy_of_node
 from fedpir.privacy.release import RELEASE_OBJECTIVE, release
 from fedpir.privacy.signing import PUBLIC_KEY_NAME, load_public_key
 from fedpir.run_config import RunSettings
@@ -274,3 +274,30 @@ def test_noised_metrics_are_paid_for_in_the_ledger(tmp_path: Path, site_dir: Pat
     assert [(e["objective"], e["steps"], e["sample_rate"]) for e in entries] == [(RELEASE_OBJECTIVE, 2, 1.0)] * 3
     result = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME))
     assert result.ok and result.epsilon is not None and result.epsilon > 0, [f.line("l") for f in result.failures]
+
+
+def test_the_sites_policy_not_the_server_sets_its_share_of_distributed_noise(tmp_path: Path, site_dir: Path) -> None:
+    from fedpir.privacy.policy import check_plan, check_request, site_settings
+
+    secure = dict(secure_aggregation=True, distributed_noise=True)
+    policy = SitePolicy(distributed_noise_sites=4, min_own_noise_multiplier=0.3)
+    # the server asks every site to add 1/100 of the noise: the site adds its own policy's 1/2
+    greedy = RunSettings(**secure, min_sites=10_000)
+    check_request(policy, greedy)
+    assert site_settings(policy, greedy).min_sites == 4
+    with pytest.raises(PolicyViolation, match="rule distributed-noise: the run needs only 3 contributing sites"):
+        check_request(policy, RunSettings(**secure, min_sites=3))  # fewer sites could not carry the full noise
+    with pytest.raises(PolicyViolation, match="rule distributed-noise"):
+        check_request(DEFAULT_POLICY, RunSettings(**secure, min_sites=4))  # the default never splits its noise
+    own = site_settings(policy, greedy)
+    check_plan(policy, own, budget=8.0, delta=None, noise_multiplier=0.6)  # its own share: 0.3
+    with pytest.raises(PolicyViolation, match="rule min-own-noise-multiplier: this site's own noise multiplier 0.25"):
+        check_plan(policy, own, budget=8.0, delta=None, noise_multiplier=0.5)
+    # through the ClientApp: the site it builds adds its policy's share, whatever min-sites said
+    path = write_policy(tmp_path / "p.toml", **{"distributed-noise-sites": 4})
+    settings = settings_for(tmp_path, **secure, min_sites=10_000)
+    context = Context(run_id=1, node_id=1, node_config={"data-dir": str(site_dir), "state-dir": str(tmp_path / "s"),
+                                                         "privacy-policy": str(path)},
+                      state=RecordDict(), run_config=settings.to_run_config())
+    site, _ = client_app.admitted_site(context, None)
+    assert site.trainer.dp.noise_share == 0.5

@@ -121,7 +121,7 @@ def test_ledger_states_distributed_guarantee_and_verifies(secure_run: dict) -> N
 
 def test_site_whose_policy_forbids_distributed_noise_refuses_at_setup(tmp_path: Path, server_identity: None) -> None:
     policy = tmp_path / "policy.toml"
-    policy.write_text("max-epsilon = 8.0\n")  # the defaults: distributed-noise-allowed = false
+    policy.write_text("max-epsilon = 8.0\n")  # the defaults: distributed-noise-sites = 0
     settings = RunSettings(run_dir=str(tmp_path / "run"), secure_aggregation=True, distributed_noise=True, min_sites=3)
     app = make_client_app(settings)
     context = Context(run_id=1, node_id=7, node_config={"privacy-policy": str(policy), "data-dir": str(tmp_path),
