@@ -98,6 +98,9 @@ def test_sites_send_only_shared_weights_and_scalar_metrics(tmp_path: Path, feder
     assert (settings.run_path / "global_model.pt").is_file()
 
 
+# About 55 s; the same rejections run in-process in tests/strategies/test_strategies.py, and a crashed and
+# an unreadable site as deployed in tests/deployment/test_deploy_faults.py (pytest -m deploy).
+@pytest.mark.slow
 def test_failing_and_faulty_sites_are_dropped_and_the_round_goes_on(tmp_path: Path, federation16: Path) -> None:
     settings = tiny_settings(tmp_path, federation16, finetune_rounds=0)
     run(settings, tmp_path, "--fail-site", "2", "--corrupt-site", "1")
