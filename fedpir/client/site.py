@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,15 @@ from fedpir.data.manifest import ManifestError
 from fedpir.data.patients import PatientDataset, patient_groups, patient_share
 from fedpir.models.groups import objective_for, trainable_groups
 from fedpir.models.warm_start import RECORD_NAME, warm_start_record
-from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, load_tensors, private_dir, save_tensors, write_private
+from fedpir.privacy.at_rest import (
+    PLAINTEXT,
+    StateCipher,
+    load_tensors,
+    private_dir,
+    read_private,
+    save_tensors,
+    write_private,
+)
 from fedpir.run_config import RunSettings
 from fedpir.training.model import build_model
 from fedpir.training.trainer import LocalTrainer
@@ -36,6 +45,8 @@ from fedpir.wire.protocol import EVAL_KEYS
 log = logging.getLogger("fedpir.client")
 
 HOLDOUT_FRACTION = 0.25
+#: A hospital's secret of its held-out split, in its state folder (see holdout_seed).
+HOLDOUT_SECRET_NAME = "holdout_secret"
 
 
 def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -66,10 +77,21 @@ def split_patients(dataset: SiteDataset, seed: int) -> tuple[PatientDataset, Sub
             Subset(dataset, sorted(i for p in held_out for i in groups[p])))
 
 
-def site_data(settings: RunSettings, data_dir: Path, name: str,
-              data_roots: Sequence[Path] = ()) -> tuple[PatientDataset, Subset, list[str]]:
-    """A site's validated data, split into training and held-out patients, and its modalities.
-    Raises :class:`SiteDataError` (one line: what and what to do) when the site cannot serve."""
+def holdout_seed(state_dir: Path, cipher: StateCipher = PLAINTEXT) -> int:
+    """The seed of a hospital's held-out split: drawn once from the OS's entropy and kept in its state
+    folder (:data:`HOLDOUT_SECRET_NAME`, 0600, encrypted at rest), so the site chooses its held-out
+    patients and keeps them for its life; the server's seed plays no part."""
+    path = Path(state_dir) / HOLDOUT_SECRET_NAME
+    if not path.is_file():
+        write_private(path, secrets.token_bytes(16), cipher)
+    return int.from_bytes(read_private(path, cipher)[:8], "big")
+
+
+def site_data(settings: RunSettings, data_dir: Path, name: str, data_roots: Sequence[Path] = (),
+              split_seed: int | None = None) -> tuple[PatientDataset, Subset, list[str]]:
+    """A site's validated data, split into training and held-out patients (by ``split_seed``, else
+    the run's seed), and its modalities. Raises :class:`SiteDataError` (one line: what and what to do)
+    when the site cannot serve."""
     size = settings.volume_size
     try:
         dataset, report = load_site(data_dir, settings.vocabulary, (size, size, size), data_roots=data_roots)
@@ -86,7 +108,7 @@ def site_data(settings: RunSettings, data_dir: Path, name: str,
         first = f" (first: {report.bad[0]})" if report.bad else ""
         raise SiteDataError(f"site {name}: no usable subject in {data_dir}, {len(report.bad)} refused{first}; "
                             f"run `fedpir validate {data_dir}` and fix what it reports")
-    train, holdout = split_patients(dataset, settings.seed)
+    train, holdout = split_patients(dataset, settings.seed if split_seed is None else split_seed)
     return train, holdout, _site_modalities(dataset)
 
 
@@ -94,11 +116,12 @@ class Site:
     """A site's data split, model, trainer and local state."""
 
     def __init__(self, settings: RunSettings, data_dir: Path, state_dir: Path, name: str | None = None, *,
-                 cipher: StateCipher = PLAINTEXT, data_roots: Sequence[Path] = ()) -> None:
+                 cipher: StateCipher = PLAINTEXT, data_roots: Sequence[Path] = (), split_seed: int | None = None) -> None:
         self.settings, self.cipher = settings, cipher
         self.state_dir = private_dir(Path(state_dir))
         self.name = name or Path(data_dir).name
-        self.train_set, self.holdout_set, self.modalities = site_data(settings, data_dir, self.name, data_roots)
+        self.train_set, self.holdout_set, self.modalities = site_data(settings, data_dir, self.name, data_roots,
+                                                                      split_seed)
         #: Held-out patients, not sessions, for the sensitivity of released held-out averages.
         self.holdout_patients = patient_share(self.holdout_set.dataset.records, self.holdout_set.indices)
         self.model = build_model(settings)
@@ -114,10 +137,13 @@ class Site:
     @classmethod
     def for_node(cls, settings: RunSettings, data_dir: Path, state_dir: Path, name: str,
                  node_config: Mapping[str, Any]) -> Site:
-        """The site of a node config: its state key (``state-key-file``/``state-key-env``) and its
-        allowed data roots (``data-roots``)."""
-        return cls(settings, data_dir, state_dir, name, cipher=StateCipher.from_node_config(node_config),
-                   data_roots=data_roots_from(node_config))
+        """The site of a node config: its state key (``state-key-file``/``state-key-env``), its
+        allowed data roots (``data-roots``) and, for a hospital's node (``data-dir``), its own held-out
+        split (:func:`holdout_seed`; a simulated site splits by the run's seed, so methods compare alike)."""
+        cipher = StateCipher.from_node_config(node_config)
+        split_seed = holdout_seed(private_dir(Path(state_dir)), cipher) if "data-dir" in node_config else None
+        return cls(settings, data_dir, state_dir, name, cipher=cipher, data_roots=data_roots_from(node_config),
+                   split_seed=split_seed)
 
     # ---- what crosses the network -----------------------------------------------------------
     @property

@@ -301,3 +301,31 @@ def test_the_sites_policy_not_the_server_sets_its_share_of_distributed_noise(tmp
                       state=RecordDict(), run_config=settings.to_run_config())
     site, _ = client_app.admitted_site(context, None)
     assert site.trainer.dp.noise_share == 0.5
+
+
+def test_a_hospital_chooses_its_held_out_patients_from_its_own_secret(tmp_path: Path, small_federation: Path) -> None:
+    """The server's seed no longer picks which patients a hospital's metrics are about; the split is
+    the site's for life (it survives restarts), and a simulated site still splits by the run's seed."""
+    from fedpir.client.site import HOLDOUT_SECRET_NAME
+
+    site_dir = small_federation / "site-3"  # the largest site: the seed has patients to choose from
+    held = {}
+    for seed in range(6):
+        settings = settings_for(tmp_path, seed=seed)
+        site = Site.for_node(settings, site_dir, tmp_path / "state", "h", {"data-dir": str(site_dir)})
+        held[seed] = list(site.holdout_set.indices)
+    assert len({tuple(v) for v in held.values()}) == 1, "the server's seed moved the held-out patients"
+    assert stat_mode(tmp_path / "state" / HOLDOUT_SECRET_NAME) == 0o600
+    simulated = {tuple(Site(settings_for(tmp_path, seed=seed), site_dir, tmp_path / f"sim{seed}").holdout_set.indices)
+                 for seed in range(6)}
+    assert len(simulated) > 1  # the simulation's methods share the run's split, which its seed sets
+    other = Site.for_node(settings_for(tmp_path), site_dir, tmp_path / "other-state", "h", {"data-dir": str(site_dir)})
+    assert (tmp_path / "other-state" / HOLDOUT_SECRET_NAME).read_bytes() != (
+        tmp_path / "state" / HOLDOUT_SECRET_NAME).read_bytes()  # each hospital its own secret
+    assert len(other.holdout_set.indices) == len(held[0])
+
+
+def stat_mode(path: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.stat().st_mode)
