@@ -137,7 +137,9 @@ def test_warm_start_is_checked_loaded_and_recorded_by_the_site(small_federation:
 
 
 
-@pytest.mark.parametrize("method", ["centralized", "local"])
+# local trains every site (about 50 s): slow; its sites build their model as fedpir's do, whose warm
+# start tests/simulation/test_federation.py checks at every site
+@pytest.mark.parametrize("method", ["centralized", pytest.param("local", marks=pytest.mark.slow)])
 def test_every_method_but_scratch_starts_from_the_warm_start(method: str, small_federation: Path, tmp_path: Path) -> None:
     """The baselines start from the same warm start as fedpir: with the encoder frozen by the private
     recipe, their final encoder is the warm start's, bit for bit."""
