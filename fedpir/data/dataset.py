@@ -8,6 +8,7 @@ the subject lacks a modality), ``present`` bool [M], ``mask`` float32 [1, D, H, 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -39,10 +40,7 @@ CACHE_MEMORY_SHARE = 0.5
 
 def cache_bytes(subjects: int, modalities: int, spatial_size: Sequence[int]) -> int:
     """Memory the cached, preprocessed volumes of ``subjects`` take (float32, every modality and the mask)."""
-    voxels = 1
-    for edge in spatial_size:
-        voxels *= int(edge)
-    return subjects * (modalities + 1) * voxels * 4
+    return subjects * (modalities + 1) * math.prod(int(edge) for edge in spatial_size) * 4
 
 
 def machine_memory() -> int:
