@@ -1,5 +1,6 @@
-"""The federation's results on docs/results.md: the default simulation, the privacy-utility curve, the public
-warm start, the private recipes and the transfer dtype. Each function returns one section's Markdown lines."""
+"""The federation's results on docs/results.md: the private-task benchmark, the earlier default simulation, the
+privacy-utility curve, the public warm start, the private recipes and the transfer dtype. Each function returns one
+section's Markdown lines."""
 
 from __future__ import annotations
 
@@ -12,6 +13,45 @@ from benchmarks.results_files import Results, code, finite, signed, table
 
 SIMULATION = "default_simulation"
 PLOTS = ("curves.png", "dice_per_site.png", "epsilon_per_site.png", "synthesis.png")
+PRIVATE_TASK = "private_task"
+
+
+def private_task(r: Results) -> list[str]:
+    """The default benchmark since lesion class B: its gates and the methods under DP, per seed."""
+    seeds = sorted(p.name for p in (r.folder / PRIVATE_TASK).glob("seed-*"))
+    summaries = {seed: r.json(f"{PRIVATE_TASK}/{seed}/summary.json") for seed in seeds}
+    runs = {seed: per_run(summary) for seed, summary in summaries.items()}
+    first = summaries[seeds[0]]
+    methods = list(runs[seeds[0]])
+    gate_rows = [[g["name"], g["rule"], *(f"{summaries[s]['gates'][i]['measured']:.3f} "
+                                          f"({'holds' if summaries[s]['gates'][i]['holds'] else 'fails'})" for s in seeds)]
+                 for i, g in enumerate(first["gates"])]
+    dice_rows = [[m, *(f"{runs[s][m]['dice']:.3f}" for s in seeds),
+                  f"{np.mean([runs[s][m]['dice'] for s in seeds]):.3f}"] for m in methods]
+    mean = {m: float(np.mean([runs[s][m]["dice"] for s in seeds])) for m in methods}
+    settings = first["settings"]
+    return [
+        f"## The private-task benchmark (the default since lesion class B; DP at epsilon {settings['epsilon-budget']:g} "
+        "per site)", "",
+        f"The sites' lesions are class B, which no public scan holds (short T1, very short T2: bright on T1w, dark on "
+        f"T2w and FLAIR), so the public warm start, trained on class A, does not solve their task. "
+        f"{settings['num-sites']} sites of {settings['subjects-per-site']} patients, {settings['finetune-rounds']} "
+        f"fine-tuning rounds. Commands ({r.link(f'{PRIVATE_TASK}/COMMANDS.md', 'COMMANDS.md')} says where and how long "
+        "they ran):", "",
+        *code(r.commands(PRIVATE_TASK, "fedpir simulate")), "",
+        "Validity gates:", "",
+        *table(["gate", "rule", *seeds], gate_rows), "",
+        "Held-out lesion Dice, mean over sites (references without DP train every parameter group):", "",
+        *table(["method", *seeds, "mean"], dice_rows), "",
+        "Reports: " + ", ".join(r.link(f"{PRIVATE_TASK}/{s}/report.md", s) for s in seeds) + ".", "",
+        f"What this says: the task is private now (public-only {mean['public-only']:.3f}) and the sites' data can "
+        f"teach it without DP (pooled {mean['pooled-nodp']:.3f}, one site alone {mean['local-nodp']:.3f}); the gates "
+        "hold or fail per seed as the table shows. Under DP at this epsilon no method learns it yet: fedpir "
+        f"{mean['fedpir']:.3f}, with distributed noise {mean['fedpir-dn']:.3f}, local-only {mean['local']:.3f}, pooled "
+        f"{mean['centralized']:.3f}. The privately trained groups (`{settings['finetune-trainable']}`) are mostly "
+        "site-local, so there is little for the federation to pool; the targets of the issue (fedpir >= local-only + "
+        "0.10 under DP) stay targets.",
+    ]
 
 
 def default_simulation(r: Results) -> list[str]:
@@ -29,7 +69,9 @@ def default_simulation(r: Results) -> list[str]:
     plots = [f"- {seed}: " + ", ".join(r.link(f"{SIMULATION}/{seed}/{name}") for name in ("report.md", *PLOTS))
              for seed in seeds]
     return [
-        f"## The default simulation (DP at epsilon {settings['epsilon-budget']:g} per site)", "",
+        f"## The earlier default simulation: lesion class A (DP at epsilon {settings['epsilon-budget']:g} per site)", "",
+        "The sites' lesions were the class the public warm start learns (today `--site-lesion A --sites 4 --subjects "
+        "6,9,12,21 --finetune-rounds 4`).", "",
         f"Commands ({r.link(f'{SIMULATION}/COMMANDS.md', 'COMMANDS.md')} says where and how long they ran; the no-DP "
         "runs are the privacy-utility sweep's):", "",
         *code(r.commands(SIMULATION, "fedpir simulate")), "",
@@ -39,7 +81,7 @@ def default_simulation(r: Results) -> list[str]:
         ">= 0.5; >= local-only + 0.05; >= FedAvg of all weights + 0.03; within 0.05 of fedpir without DP; on input "
         "modalities a site never trains on, >= 80% of its seen-modality Dice and >= fedpir-noinv + 0.05; the whole "
         "default run <= 10 minutes on 2 cores (times in COMMANDS.md).", "",
-        f"What this says: the default federation learns under DP (held-out Dice {mean['fedpir']:.2f} at epsilon "
+        f"What this says: that federation learns under DP (held-out Dice {mean['fedpir']:.2f} at epsilon "
         f"{settings['epsilon-budget']:g}, against {mean['scratch']:.2f} from a random start) and DP costs "
         f"{dp_cost:.3f}. The seeds sample the public warm start too (`--seed S` builds it from the public corpus of "
         f"seed S), so the spread is the warm start's: fedpir gets {per_seed} "
@@ -67,16 +109,16 @@ def validity_gates(r: Results) -> list[str]:
     rows = [[g["name"], g["rule"], *(f"{gates[s][i]['measured']:.3f} ({'holds' if gates[s][i]['holds'] else 'fails'})"
                                      for s in seeds)] for i, g in enumerate(first)]
     return [
-        "## Validity gates of the default benchmark", "",
+        "## Validity gates of the earlier default simulation (lesion class A)", "",
         f"Commands ({r.link(f'{GATES}/COMMANDS.md', 'COMMANDS.md')}):", "",
         *code(r.commands(GATES, "fedpir simulate")), "",
         *table(["gate", "rule", *seeds], rows), "",
         "Reports: " + ", ".join(r.link(f"{GATES}/{s}/report.md", s) for s in seeds) + ".", "",
-        f"What this says: on the default simulation the public warm start alone (mean Dice {mean[0]:.3f} over the "
+        f"What this says: on that simulation the public warm start alone (mean Dice {mean[0]:.3f} over the "
         f"seeds) reaches about what all sites' data pooled without DP reaches ({mean[1]:.3f}), and one site alone, "
         f"without DP, is within {abs(mean[2]):.3f} of the pool. So every comparison of "
-        "methods on it (the section above) measures noise, not methods: the benchmark's task must become private "
-        "before a federated method can show what it buys.",
+        "methods on it (the section above) measures noise, not methods, which is why the default benchmark now has a "
+        "private task (the first section).",
     ]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedpir.alignment.choices import ENCODERS, METHODS, POOLINGS
 from fedpir.models.groups import KEY_POLICIES, PARAMETER_GROUPS, TASKS, TRAINABLE_PRESETS, trainable_groups
-from fedpir.synthetic.sizes import site_sizes
+from fedpir.synthetic.sizes import LESION_CLASS_NAMES, site_sizes
 from fedpir.wire.protocol import TRANSFER_DTYPES
 
 #: The strategies a run may name (fedpir.strategies.factory builds each; a test keeps the two equal).
@@ -54,6 +54,8 @@ class RunSettings:
     num_sites: int = knob(4, "synthetic sites", flag="--sites")
     subjects_per_site: str = knob("6,9,12,21", "patients per synthetic site: one number, or a comma list cycled over the sites",
                                   flag="--subjects")
+    site_lesion: str = knob("B", "lesion class of the synthetic sites: B, a private target that no public scan holds; A, the "
+                                 "public corpus's own (a task the warm start has already learnt)", choices=LESION_CLASS_NAMES)
     volume_size: int = knob(24, "model grid edge in voxels (volumes are resampled to it)", flag="--size")
     modalities: str = knob("t1,t2,flair,pd", "the federation's modality vocabulary, in model channel order")
     pretrain_rounds: int = knob(0, "private pretraining rounds (the public warm start is the pretraining)")

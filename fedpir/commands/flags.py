@@ -26,7 +26,8 @@ def flag_of(name: str) -> str:
 
 def add_settings_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, names: Iterable[str],
                        defaults: Mapping[str, Any] | None = None) -> None:
-    """One flag per knob in ``names`` (``defaults`` overrides a knob's default for this command)."""
+    """One flag per knob in ``names`` (``defaults`` overrides a knob's default for this command; None:
+    the command fills it in, from a preset)."""
     for name in names:
         knob = KNOBS[name]
         default = (defaults or {}).get(name, knob.default)
@@ -36,7 +37,7 @@ def add_settings_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup
             kwargs["help"] += f" [{'on' if default else 'off'} unless this flag is given]"
         else:
             kwargs["type"] = type(knob.default)
-            kwargs["help"] += " (default: %(default)s)"
+            kwargs["help"] += " (default: %(default)s)" if default is not None else " (default: from --preset)"
             if knob.metadata["choices"]:
                 kwargs["choices"] = knob.metadata["choices"]
         flag = flag_of(name)

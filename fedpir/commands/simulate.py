@@ -12,10 +12,11 @@ from pathlib import Path
 from fedpir.commands.flags import add_settings_flags, settings_from_args
 from fedpir.run_config import STATE_ROOT, RunSettings
 from fedpir.simulation.methods import DEFAULT_METHODS, METHODS
+from fedpir.simulation.presets import PRESET_KNOBS, PRESETS
 
 #: The run settings `fedpir simulate` offers as flags (the rest keep their defaults).
 KNOBS: tuple[str, ...] = (
-    "seed", "num_sites", "subjects_per_site", "volume_size", "pretrain_rounds", "finetune_rounds", "local_epochs",
+    "seed", "num_sites", "subjects_per_site", "site_lesion", "volume_size", "pretrain_rounds", "finetune_rounds", "local_epochs",
     "batch_size", "lr", "finetune_task", "strategy", "dp", "epsilon_budget", "secret_noise", "pretrain_trainable",
     "finetune_trainable", "mim", "anatomical", "proximal_mu", "device", "augment_views", "transfer_dtype",
 )
@@ -25,20 +26,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags; defaults are small enough for a 2-core laptop CPU (a few minutes)."""
     p.add_argument("--out", type=Path, default=Path("fedpir-out"), help="output folder")
     p.add_argument("--federation", type=Path, help="existing federation folder (default: generate a synthetic one)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--warm-start", default="auto",
-                   help=f"auto: the public warm starts, built once and cached ({STATE_ROOT / 'warm-starts'}) from the "
-                        "public corpus of --seed; none: random initialisation; or a file made by `fedpir pretrain-public`")
+    p.add_argument("--preset", choices=PRESETS, default="default",
+                   help="the federation: quick (a smoke run of a minute or two), default (8 sites of 4-20 patients), "
+                        "hospital (32 sites of 4-60); a flag given here overrides its value (default: %(default)s)")
+    p.add_argument("--methods", help=f"comma list of {', '.join(METHODS)} (default: the preset's, else "
+                                     f"{','.join(DEFAULT_METHODS)})")
+    p.add_argument("--warm-start",
+                   help=f"auto (the default, but for --preset quick's none): the public warm starts, built once "
+                        f"and cached ({STATE_ROOT / 'warm-starts'}) from the public corpus of --seed; none: random "
+                        "initialisation; or a file made by `fedpir pretrain-public`")
     p.add_argument("--noinv-warm-start", type=Path,
                    help="warm-start file of the fedpir-noinv ablation, with --warm-start FILE (pretrained with "
                         "--invariance-weight 0)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    add_settings_flags(p.add_argument_group("run settings"), KNOBS)
+    add_settings_flags(p.add_argument_group("run settings"), KNOBS, defaults=dict.fromkeys(PRESET_KNOBS))
+
+
+def apply_preset(args: argparse.Namespace) -> None:
+    """Fill in the knobs and methods that no flag gave from ``--preset`` (else RunSettings' defaults)."""
+    preset = PRESETS[args.preset]
+    for name in PRESET_KNOBS:
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name, getattr(RunSettings, name)))
+    if args.methods is None:
+        args.methods = preset.get("methods", ",".join(DEFAULT_METHODS))
+    if args.warm_start is None:
+        args.warm_start = preset.get("warm_start", "auto")
 
 
 def checked_settings(args: argparse.Namespace, out: Path) -> tuple[RunSettings, list[str]]:
     """The run's settings and methods, every flag checked before anything is built or written
     (ValueError or FileNotFoundError naming the flag)."""
+    apply_preset(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

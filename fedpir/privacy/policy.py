@@ -79,6 +79,9 @@ class SitePolicy:
         evaluations_per_round: evaluate requests answered per local training round.
         metric_noise_multiplier: Gaussian noise (in units of a metric's sensitivity) of the
             metrics released in ``noise`` mode.
+        min_release_patients: the fewest patients a patient-derived metric may summarize: a site
+            whose held-out set (fixed for its life) is smaller releases none of them, whatever it
+            computes (a mean over one or two patients is nearly one patient's value).
         distributed_noise_sites: under secure aggregation and ``distributed-noise``, the number of
             sites this site splits its DP noise with: it adds noise of std ``sigma / sqrt(this)``,
             whatever the server asks, and takes part only in runs whose server needs at least this
@@ -105,6 +108,7 @@ class SitePolicy:
     secret_noise_required: bool = True
     evaluations_per_round: int = 1
     metric_noise_multiplier: float = 20.0
+    min_release_patients: int = 3
     distributed_noise_sites: int | None = 0
     min_own_noise_multiplier: float = 0.3
     metrics: Mapping[str, str] = field(default_factory=dict)
@@ -121,8 +125,9 @@ class SitePolicy:
             raise ValueError(f"privacy policy: distributed-noise-sites must be >= 0, got {self.distributed_noise_sites}")
         if self.min_own_noise_multiplier < 0:
             raise ValueError(f"privacy policy: min-own-noise-multiplier must be >= 0, got {self.min_own_noise_multiplier}")
-        if self.evaluations_per_round < 0:
-            raise ValueError(f"privacy policy: evaluations-per-round must be >= 0, got {self.evaluations_per_round}")
+        if self.evaluations_per_round < 0 or self.min_release_patients < 0:
+            raise ValueError("privacy policy: evaluations-per-round and min-release-patients must be >= 0, got "
+                             f"{self.evaluations_per_round} and {self.min_release_patients}")
         unknown = [k for k in self.key_policies if k not in KEY_POLICIES]
         if unknown:
             raise ValueError(f"privacy policy: unknown key policies {unknown}; valid: {', '.join(KEY_POLICIES)}")
@@ -162,6 +167,7 @@ DEFAULT_POLICY = SitePolicy()
 #: Never for a hospital: only nodes of the simulation engine get it (see policy_of_node).
 RESEARCH_POLICY = SitePolicy(dp_required=False, max_epsilon=None, max_delta=0.5, min_noise_multiplier=0.0,
                              key_policies=KEY_POLICIES, secret_noise_required=False, evaluations_per_round=1_000_000,
+                             min_release_patients=0,
                              distributed_noise_sites=None, min_own_noise_multiplier=0.0,
                              metrics={"*": "exact"}, alignment_statistics=True)
 

@@ -19,6 +19,11 @@ PSNR, ...) leave only as the site's policy says (:class:`fedpir.privacy.policy.S
   patient-derived leaves;
 - ``exact``: leaves as computed (research policy, or a hospital's explicit choice).
 
+A value that is missing (NaN) under ``round`` or ``noise`` leaves as its range's low end, so the set
+of keys a reply carries never depends on the data (a missing Dice would tell a lesion-free held-out
+set). No patient-derived metric leaves when it summarizes fewer patients than the policy's
+``min-release-patients``.
+
 :class:`EvaluationAllowance` rate-limits evaluate requests: at most ``evaluations-per-round`` per
 local training round, counted in the state folder so a restarted node keeps counting.
 """
@@ -111,6 +116,7 @@ def release(metrics: dict[str, float | int], policy: SitePolicy, *, n_patients: 
     site's, which pays for ``noise`` mode (without one, noised metrics are dropped)."""
     out: dict[str, float | int] = {}
     noised: dict[str, tuple[float, MetricSpec]] = {}
+    too_few = n_patients < policy.min_release_patients
     for name, value in metrics.items():
         spec = spec_of(name)
         if spec is None:
@@ -119,9 +125,14 @@ def release(metrics: dict[str, float | int], policy: SitePolicy, *, n_patients: 
         mode = mode_of(policy, name, spec)
         if mode == "exact":
             out[name] = value
-        elif not math.isfinite(value) or mode == "drop":
             continue
-        elif mode == "round":
+        if mode == "drop" or too_few:
+            continue
+        if not math.isfinite(value):
+            # A missing value (NaN: the Dice of a held-out set without a lesion, an AUROC of one class)
+            # leaves as its range's low end, so the keys that leave never depend on the data.
+            value = spec.low
+        if mode == "round":
             clipped = min(max(float(value), spec.low), spec.high)
             out[name] = round(round(clipped / spec.step) * spec.step, 10)
         else:

@@ -105,10 +105,12 @@ def method_settings(method: str, settings: RunSettings, run_dir: Path,
                      "key_policy": FEDERATED.get(method, "local")}
     if method == "fedpir-noinv":
         changes.update(invariance_weight=0.0, warm_start=noinv_warm_start[0], warm_start_sha256=noinv_warm_start[1])
+    elif method == "fedpir-dn":  # every site contributes, so each adds sigma / sqrt(sites)
+        changes.update(secure_aggregation=True, distributed_noise=True, min_sites=len(site_names(settings)))
     elif method == "scratch":
         changes.update(warm_start="", warm_start_sha256="")
-    elif method.endswith("-nodp"):
-        changes.update(dp=False)
+    elif method.endswith("-nodp"):  # what the sites' data can teach at best: no DP, every group trains
+        changes.update(dp=False, finetune_trainable="all", pretrain_trainable="all")
     return replace(settings, **changes)
 
 

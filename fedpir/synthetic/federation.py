@@ -29,7 +29,7 @@ from tqdm import tqdm
 from fedpir.data.manifest import FEDERATION_FILE, MANIFEST_FILE, SiteManifest, SubjectRecord, write_manifest
 from fedpir.synthetic.anatomy import Anatomy, Grid, make_anatomy
 from fedpir.synthetic.mr_signal import LITERATURE_1P5T
-from fedpir.synthetic.phantoms import TISSUE_LABELS, sample_phantom
+from fedpir.synthetic.phantoms import LESION_CLASSES, TISSUE_LABELS, LesionClass, sample_phantom
 from fedpir.synthetic.report_text import describe
 from fedpir.synthetic.scanners import (
     DEFAULT_SUBSETS,
@@ -76,11 +76,11 @@ def _parenchyma(fractions: np.ndarray) -> float:
 
 def _write_subject(
     scanner: Scanner, body: Anatomy, grid: Grid, with_lesion: bool, keys: tuple[int, int, int], sub_dir: Path,
-    template_parenchyma: float | None = None,
+    template_parenchyma: float | None = None, lesion_class: LesionClass = LESION_CLASSES["A"],
 ) -> SubjectRecord:
     """Simulate and write one subject; ``keys`` = (seed, site, global subject index) seed its streams."""
     rng = np.random.default_rng(keys)
-    phantom = sample_phantom(body, grid, rng, with_lesion=with_lesion)
+    phantom = sample_phantom(body, grid, rng, with_lesion=with_lesion, lesion_class=lesion_class)
     sub_dir.mkdir(parents=True)
     images = {}
     for m in scanner.modalities:
@@ -94,7 +94,7 @@ def _write_subject(
         tissue=save_nifti(phantom.tissue_labels(), grid.affine, sub_dir / "tissue.nii.gz"),
         label=int(mask.any()),
         report=describe(mask, grid, rng, volume_ratio=None if template_parenchyma is None
-                        else _parenchyma(phantom.fractions) / template_parenchyma),
+                        else _parenchyma(phantom.fractions) / template_parenchyma, lesion_class=lesion_class.name),
     )
 
 
@@ -108,8 +108,9 @@ def generate_public_corpus(
 ) -> Path:
     """A public corpus for warm starts: one folder of ``subjects`` patients in every modality, each
     volume set from a scanner of its own (:func:`random_scanner`, domain randomization), anatomy
-    and noise from random streams disjoint from every site's, lesion masks as labels. Written like
-    a site (``manifest.json``), so any loader reads it; returns ``out_dir``."""
+    and noise from random streams disjoint from every site's, masks of the public lesion class "A"
+    as labels (never the sites' private class "B", see ``phantoms.LESION_CLASSES``). Written like a
+    site (``manifest.json``), so any loader reads it; returns ``out_dir``."""
     out_dir = Path(out_dir)
     site_sizes(subjects, 1)
     _check_args(seed, out_dir)
@@ -131,10 +132,12 @@ EVAL_DIR = "eval"
 EVAL_STREAM = 9_000_011
 
 
-def _write_eval_set(folder: Path, scanner: Scanner, body: Anatomy, grid: Grid, keys: tuple[int, int], n: int) -> None:
+def _write_eval_set(folder: Path, scanner: Scanner, body: Anatomy, grid: Grid, keys: tuple[int, int], n: int,
+                    lesion_class: LesionClass) -> None:
     """``n`` further patients of a site, rendered in every modality by its scanner."""
     seed, site = keys
-    records = [_write_subject(scanner, body, grid, bool(lesion), (seed, EVAL_STREAM + site, j), folder / f"eval-{j:03d}")
+    records = [_write_subject(scanner, body, grid, bool(lesion), (seed, EVAL_STREAM + site, j), folder / f"eval-{j:03d}",
+                              lesion_class=lesion_class)
                for j, lesion in enumerate(_lesion_flags(seed, EVAL_STREAM + site, n))]
     write_manifest(SiteManifest(site=f"{scanner.name}-eval", subjects=records), folder / MANIFEST_FILE)
 
@@ -151,6 +154,7 @@ def generate_federation(
     eval_subjects: int = 0,
     progress: bool = False,
     report_brain_volume: bool = False,
+    lesion_class: str = "A",
 ) -> Path:
     """Simulate ``n_sites`` hospitals of ``subjects_per_site`` patients each (a list: the sizes of the
     sites, cycled; see :func:`fedpir.run_config.site_sizes`) and write them under ``out_dir``.
@@ -164,10 +168,15 @@ def generate_federation(
     available). ``modality_subsets``: one modality list per site (default: DEFAULT_SUBSETS cycled);
     give every site all of MODALITIES for the homogeneous setting. ``report_brain_volume``: reports
     also state whether the brain volume is reduced (``fedpir.synthetic.report_text``; off by
-    default, which keeps the reports of earlier versions). Returns ``out_dir``.
+    default, which keeps the reports of earlier versions). ``lesion_class``: the sites' lesions, a
+    key of ``phantoms.LESION_CLASSES``: "A" (the class public data holds) or "B" (the private
+    target that `fedpir simulate` uses). Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     sizes = site_sizes(subjects_per_site, n_sites)
+    if lesion_class not in LESION_CLASSES:
+        raise ValueError(f"lesion_class must be one of {', '.join(LESION_CLASSES)}, got {lesion_class!r}")
+    lesions = LESION_CLASSES[lesion_class]
     _check_args(seed, out_dir)
     grid = Grid.covering_brain(tuple(shape))  # type: ignore[arg-type]
     if modality_subsets is None:
@@ -184,12 +193,13 @@ def generate_federation(
         for j, lesion in enumerate(_lesion_flags(seed, s, sizes[s])):
             index = sum(sizes[:s]) + j
             sub_dir = site_dir / f"sub-{index:03d}"
-            records.append(_write_subject(scanner, body, grid, bool(lesion), (seed, s, index), sub_dir, template_parenchyma))
+            records.append(_write_subject(scanner, body, grid, bool(lesion), (seed, s, index), sub_dir, template_parenchyma,
+                                          lesions))
             bar.update()
         write_manifest(SiteManifest(site=scanner.name, subjects=records), site_dir / MANIFEST_FILE)
         if eval_subjects:
             _write_eval_set(out_dir / EVAL_DIR / scanner.name, replace(scanner, modalities=MODALITIES), body, grid,
-                            (seed, s), eval_subjects)
+                            (seed, s), eval_subjects, lesions)
     bar.close()
 
     meta = {
@@ -199,6 +209,7 @@ def generate_federation(
         "spacing_mm": grid.spacing,
         "affine": np.round(grid.affine, 6).tolist(),
         "anatomy": body.name,
+        "lesion_class": asdict(lesions),
         "modalities": [m for m in MODALITIES if any(m in sc.modalities for sc in scanners)],
         "subjects_per_site": sizes,
         "tissue_labels": TISSUE_LABELS,

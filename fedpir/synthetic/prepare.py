@@ -27,6 +27,7 @@ class FederationSpec(Protocol):
     site_sizes: list[int]
     volume_size: int
     seed: int
+    site_lesion: str
 
 
 def synthetic_federation(settings: FederationSpec, eval_subjects: int = EVAL_SUBJECTS) -> Path:
@@ -48,6 +49,6 @@ def synthetic_federation(settings: FederationSpec, eval_subjects: int = EVAL_SUB
             size = settings.volume_size
             generate_federation(partial, n_sites=settings.num_sites, subjects_per_site=settings.site_sizes,
                                 shape=(size, size, size), seed=settings.seed, eval_subjects=eval_subjects,
-                                progress=True)
+                                progress=True, lesion_class=settings.site_lesion)
             partial.rename(path)
     return path

@@ -19,11 +19,19 @@ import numpy as np
 from fedpir.synthetic.anatomy import Grid
 
 FRONTAL_Y_MM, OCCIPITAL_Y_MM, TEMPORAL_Z_MM = 7.0, -48.0, -5.0
-LESION_TEMPLATES: tuple[str, ...] = (
-    "Hyperintense lesion in the {side} {region} white matter, {size} mm.",
-    "{size} mm T2/FLAIR hyperintense lesion, {side} {region} white matter.",
-    "Focal white matter lesion, {side} {region}, {size} mm, hyperintense on fluid-sensitive images.",
-)
+#: Report wordings by lesion class (the keys of ``fedpir.synthetic.phantoms.LESION_CLASSES``).
+LESION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "A": (
+        "Hyperintense lesion in the {side} {region} white matter, {size} mm.",
+        "{size} mm T2/FLAIR hyperintense lesion, {side} {region} white matter.",
+        "Focal white matter lesion, {side} {region}, {size} mm, hyperintense on fluid-sensitive images.",
+    ),
+    "B": (
+        "T1 hyperintense, T2 hypointense lesion in the {side} {region} white matter, {size} mm.",
+        "{size} mm focus of blood products, {side} {region} white matter, dark on T2/FLAIR.",
+        "Haemorrhagic white matter lesion, {side} {region}, {size} mm, bright on T1-weighted images.",
+    ),
+}
 NORMAL_TEMPLATES: tuple[str, ...] = (
     "No focal lesion.",
     "No focal lesion; normal appearance of the white matter.",
@@ -77,16 +85,19 @@ def reported_volume_reduced(report: str) -> bool | None:
     return None
 
 
-def describe(mask: np.ndarray, grid: Grid, rng: np.random.Generator, volume_ratio: float | None = None) -> str:
-    """Report text for a subject with lesion ``mask`` (all zero: a normal study), plus a brain volume
-    sentence when ``volume_ratio`` is given (see the module docstring); wording varies by ``rng``."""
+def describe(mask: np.ndarray, grid: Grid, rng: np.random.Generator, volume_ratio: float | None = None,
+             lesion_class: str = "A") -> str:
+    """Report text for a subject with lesion ``mask`` (all zero: a normal study) of ``lesion_class``,
+    plus a brain volume sentence when ``volume_ratio`` is given (see the module docstring); wording
+    varies by ``rng``."""
     if not mask.any():
         text = NORMAL_TEMPLATES[rng.integers(len(NORMAL_TEMPLATES))]
     else:
         centroid_vox = np.argwhere(mask > 0).mean(0)
         centroid_mm = grid.affine[:3, :3] @ centroid_vox + grid.affine[:3, 3]
         side, region = lesion_region(centroid_mm)
-        text = LESION_TEMPLATES[rng.integers(len(LESION_TEMPLATES))]
+        templates = LESION_TEMPLATES[lesion_class]
+        text = templates[rng.integers(len(templates))]
         text = text.format(side=side, region=region, size=lesion_size_mm(mask, grid))
         text = text[0].upper() + text[1:]
     if volume_ratio is not None:

@@ -1,8 +1,12 @@
-"""How many patients each synthetic site holds: one number for every site, or a list cycled over them."""
+"""The light facts of a synthetic federation (no numpy, so the commands can check flags at once): how many
+patients each site holds, and the names of the lesion classes (``phantoms.LESION_CLASSES`` holds them)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+#: The lesion classes: "A" the one public data holds, "B" the sites' private target.
+LESION_CLASS_NAMES: tuple[str, ...] = ("A", "B")
 
 
 def site_sizes(spec: int | str | Sequence[int], n_sites: int) -> list[int]:

@@ -33,7 +33,8 @@ def test_volume_sentence_follows_the_ratio_and_is_off_by_default() -> None:
 
 
 def test_prompts_are_not_copies_of_report_templates() -> None:
-    templates = [*LESION_TEMPLATES, *NORMAL_TEMPLATES, *VOLUME_NORMAL_TEMPLATES, *VOLUME_REDUCED_TEMPLATES]
+    lesion_templates = [t for wordings in LESION_TEMPLATES.values() for t in wordings]
+    templates = [*lesion_templates, *NORMAL_TEMPLATES, *VOLUME_NORMAL_TEMPLATES, *VOLUME_REDUCED_TEMPLATES]
     for prompts in (LESION_PROMPTS, VOLUME_PROMPTS):
         for wordings in prompts.values():
             for prompt in wordings:

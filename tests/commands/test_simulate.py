@@ -95,3 +95,26 @@ def test_simulated_sites_racing_to_prepare_the_federation_write_it_once(tmp_path
     before = (federation / "federation.json").stat().st_mtime_ns
     assert _prepare(str(tmp_path)) == str(federation)
     assert (federation / "federation.json").stat().st_mtime_ns == before
+
+
+def test_presets_set_the_federation_and_flags_override_them(tmp_path: Path) -> None:
+    import argparse
+
+    from fedpir.commands.simulate import add_arguments, checked_settings
+    from fedpir.simulation.methods import DEFAULT_METHODS
+    from fedpir.simulation.presets import PRESETS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings, methods = checked_settings(parser.parse_args([]), tmp_path / "a")
+    assert (settings.num_sites, settings.site_sizes) == (8, [4, 6, 8, 10, 12, 14, 16, 20])
+    assert methods == list(DEFAULT_METHODS) and settings.site_lesion == "B"
+    settings, methods = checked_settings(parser.parse_args(["--preset", "hospital"]), tmp_path / "b")
+    assert settings.num_sites == 32 and min(settings.site_sizes) == 4 and max(settings.site_sizes) == 60
+    assert sum(settings.site_sizes) > 600
+    args = parser.parse_args(["--preset", "quick", "--finetune-rounds", "3", "--sites", "3"])
+    settings, methods = checked_settings(args, tmp_path / "c")
+    assert (settings.num_sites, settings.finetune_rounds, settings.site_sizes, settings.volume_size) == (3, 3, [4] * 3, 16)
+    assert methods == PRESETS["quick"]["methods"].split(",") and args.warm_start == "none"
+    args = parser.parse_args(["--preset", "quick", "--warm-start", "auto", "--methods", "local"])
+    assert checked_settings(args, tmp_path / "d")[1] == ["local"] and args.warm_start == "auto"

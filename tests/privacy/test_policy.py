@@ -232,6 +232,25 @@ def test_metrics_not_declared_never_leave() -> None:
                    "psnr": 17.0}
 
 
+def test_released_keys_do_not_depend_on_the_data() -> None:
+    """A held-out set without a lesion has no Dice (NaN): it still leaves a "dice", or its absence would tell."""
+    def keys(dice: float) -> set[str]:
+        return set(release({"dice": dice, "auroc": dice, "psnr": 17.3, NUM_EXAMPLES_KEY: 3}, DEFAULT_POLICY,
+                           n_patients=3, budget=None, message="evaluate"))
+
+    assert keys(math.nan) == keys(0.61) == {"dice", "auroc", "psnr", NUM_EXAMPLES_KEY}
+    lesion_free = release({"dice": math.nan}, DEFAULT_POLICY, n_patients=3, budget=None, message="evaluate")
+    assert lesion_free == {"dice": 0.0}
+
+
+def test_metrics_of_too_few_patients_never_leave() -> None:
+    metrics = {"dice": 0.5, "psnr": 17.3, NUM_EXAMPLES_KEY: 2}
+    assert release(metrics, DEFAULT_POLICY, n_patients=2, budget=None, message="evaluate") == {NUM_EXAMPLES_KEY: 2}
+    assert set(release(metrics, DEFAULT_POLICY, n_patients=3, budget=None, message="evaluate")) == set(metrics)
+    with pytest.raises(ValueError, match="min-release-patients"):
+        SitePolicy.from_mapping({"min-release-patients": -1})
+
+
 def crafted_probe(tmp_path: Path, site_dir: Path, policy: Path | None) -> tuple[dict[str, float], list[Message]]:
     """The crafted evaluate probe: the server sends three evaluate requests with weights of its
     choosing (all zero) to a site with two held-out patients. Returns the exact held-out metrics
@@ -248,11 +267,17 @@ def crafted_probe(tmp_path: Path, site_dir: Path, policy: Path | None) -> tuple[
 
 
 def test_crafted_evaluate_probe_no_longer_recovers_a_patient_statistic(tmp_path: Path, site_dir: Path) -> None:
-    exact, replies = crafted_probe(tmp_path, site_dir, None)
+    _, replies = crafted_probe(tmp_path, site_dir, None)
     first, *rest = replies
     assert all(r.has_error() and r.error.code == RATE_LIMITED and not r.has_content() for r in rest)
-    released = dict(first.content["metrics"])
-    print(f"\nprobe, default policy: exact psnr {exact['psnr']:.6f} loss {exact['loss']:.6f}; "
+    # two held-out patients are fewer than the default policy's min-release-patients: nothing of theirs leaves
+    assert not {"psnr", "dice", "ssim", "loss"} & set(first.content["metrics"])
+    # a policy that accepts two patients releases them coarsened
+    (tmp_path / "two").mkdir()
+    policy = write_policy(tmp_path / "two.toml", **{"min-release-patients": 2})
+    exact, replies = crafted_probe(tmp_path / "two", site_dir, policy)
+    released = dict(replies[0].content["metrics"])
+    print(f"\nprobe, default policy but 2 patients: exact psnr {exact['psnr']:.6f} loss {exact['loss']:.6f}; "
           f"released {released}")
     assert "loss" not in released
     assert math.isfinite(exact["psnr"]) and abs(released["psnr"] - exact["psnr"]) > 1e-4
@@ -261,6 +286,7 @@ def test_crafted_evaluate_probe_no_longer_recovers_a_patient_statistic(tmp_path:
 
 def test_noised_metrics_are_paid_for_in_the_ledger(tmp_path: Path, site_dir: Path) -> None:
     policy = write_policy(tmp_path / "policy.toml", **{"evaluations-per-round": 3, "metric-noise-multiplier": 2.0,
+                                                       "min-release-patients": 2,
                                                        "metrics": {"*": "drop", "psnr": "noise", "loss": "noise"}})
     exact, replies = crafted_probe(tmp_path, site_dir, policy)
     assert not any(r.has_error() for r in replies)
