@@ -68,6 +68,8 @@ class RunSettings:
     dp: bool = knob(True, "patient-level DP-SGD (off: train without differential privacy)")
     epsilon_budget: float = knob(8.0, "privacy budget per site (epsilon)", flag="--epsilon")
     noise_multiplier: float = knob(0.0, "fixed DP noise multiplier; 0: the noise that spends the budget over all rounds")
+    dp_rounds: int = knob(0, "rounds the planned DP noise spreads the budget over (0: the run's rounds); a hospital's "
+                             "policy plans over its own max-rounds instead")
     max_grad_norm: float = knob(1.0, "per-patient clipping bound")
     delta: float = knob(0.0, "DP delta; 0: the ledger's, else min(1e-5, 1 / (10 patients))")
     accountant: str = knob("prv", "Opacus accountant (prv is tighter)", choices=ACCOUNTANTS)
@@ -111,6 +113,8 @@ class RunSettings:
             trainable_groups(spec)
         if not MIN_VOLUME_SIZE <= self.volume_size <= MAX_VOLUME_SIZE:
             raise ValueError(f"volume-size must be in [{MIN_VOLUME_SIZE}, {MAX_VOLUME_SIZE}] voxels, got {self.volume_size}")
+        if self.dp_rounds < 0:
+            raise ValueError(f"dp-rounds must be >= 0, got {self.dp_rounds}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         site_sizes(self.subjects_per_site, self.num_sites)  # raises on a bad size list

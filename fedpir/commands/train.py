@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         check_request,
         load_policy,
         site_budget,
+        site_settings,
     )
     from fedpir.training.model import build_model
     from fedpir.training.trainer import LocalTrainer
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if policy is not None:  # before the data is read or the state folder written
         try:
             check_request(policy, settings)
+            settings = site_settings(policy, settings)  # its noise planned over the policy's max-rounds
             budget = site_budget(policy, PrivacyLedger.in_dir(args.state_dir, cipher=cipher), settings.epsilon_budget)
             check_plan(policy, settings, budget=budget, delta=None, noise_multiplier=None)
         except PolicyViolation as err:

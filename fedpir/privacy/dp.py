@@ -130,7 +130,7 @@ class DPConfig:
 
 def dp_config_for(settings: RunSettings) -> DPConfig:
     """A site's DP-SGD settings for a run: a fixed noise multiplier, or (noise-multiplier = 0) the
-    one that spends exactly the budget over all planned rounds of the run."""
+    one that spends exactly the budget over ``dp-rounds`` rounds (0: all rounds of the run)."""
     common = dict(max_grad_norm=settings.max_grad_norm, budget_epsilon=settings.epsilon_budget,
                   secret_noise=settings.secret_noise, accountant=settings.accountant, delta=settings.delta or None,
                   noise_share=noise_share(settings.distributed_noise, settings.min_sites))
@@ -138,7 +138,7 @@ def dp_config_for(settings: RunSettings) -> DPConfig:
         return DPConfig(enabled=False, **common)
     if settings.noise_multiplier > 0:
         return DPConfig(noise_multiplier=settings.noise_multiplier, **common)
-    rounds = settings.pretrain_rounds + settings.finetune_rounds
+    rounds = settings.dp_rounds or settings.pretrain_rounds + settings.finetune_rounds
     return DPConfig(target_epsilon=settings.epsilon_budget, planned_rounds=rounds, **common)
 
 

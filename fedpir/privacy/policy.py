@@ -73,6 +73,11 @@ class SitePolicy:
             Once recorded in the ledger it can only be lowered.
         max_delta: the largest delta the site's guarantee may have.
         min_noise_multiplier: the smallest DP-SGD noise multiplier a round may use.
+        max_rounds: the most training rounds a run may ask for, and the rounds over which the site
+            plans its DP noise whatever the server's round count, so that a run of more rounds than
+            planned cannot make each round (and the evaluation it unlocks) nearly free: after
+            max-rounds rounds at that noise the budget is spent. None (research policy only): the
+            run's rounds.
         key_policies: the key policies (which weights leave) the site accepts; ``fedpir`` is
             shared-only.
         secret_noise_required: the noise must be drawn from the OS's entropy, never from the seed.
@@ -104,6 +109,7 @@ class SitePolicy:
     max_epsilon: float | None = 8.0
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.5
+    max_rounds: int | None = 32
     key_policies: tuple[str, ...] = ("fedpir",)
     secret_noise_required: bool = True
     evaluations_per_round: int = 1
@@ -125,6 +131,8 @@ class SitePolicy:
             raise ValueError(f"privacy policy: distributed-noise-sites must be >= 0, got {self.distributed_noise_sites}")
         if self.min_own_noise_multiplier < 0:
             raise ValueError(f"privacy policy: min-own-noise-multiplier must be >= 0, got {self.min_own_noise_multiplier}")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise ValueError(f"privacy policy: max-rounds must be >= 1, got {self.max_rounds}")
         if self.evaluations_per_round < 0 or self.min_release_patients < 0:
             raise ValueError("privacy policy: evaluations-per-round and min-release-patients must be >= 0, got "
                              f"{self.evaluations_per_round} and {self.min_release_patients}")
@@ -165,7 +173,7 @@ class SitePolicy:
 DEFAULT_POLICY = SitePolicy()
 #: For simulated sites whose (synthetic) data the researcher owns: anything the run asks, metrics exact.
 #: Never for a hospital: only nodes of the simulation engine get it (see policy_of_node).
-RESEARCH_POLICY = SitePolicy(dp_required=False, max_epsilon=None, max_delta=0.5, min_noise_multiplier=0.0,
+RESEARCH_POLICY = SitePolicy(dp_required=False, max_epsilon=None, max_delta=0.5, min_noise_multiplier=0.0, max_rounds=None,
                              key_policies=KEY_POLICIES, secret_noise_required=False, evaluations_per_round=1_000_000,
                              min_release_patients=0,
                              distributed_noise_sites=None, min_own_noise_multiplier=0.0,
@@ -226,8 +234,11 @@ def noise_sites(policy: SitePolicy, settings: RunSettings) -> int:
 
 
 def site_settings(policy: SitePolicy, settings: RunSettings) -> RunSettings:
-    """The run settings as this site runs them: under distributed noise its noise share comes from
-    its policy (:func:`noise_sites`), not from the server's ``min-sites``."""
+    """The run settings as this site runs them: its planned DP noise spreads the budget over its
+    policy's ``max-rounds``, and under distributed noise its noise share comes from its policy
+    (:func:`noise_sites`), not from the server's round count and ``min-sites``."""
+    if policy.max_rounds is not None:
+        settings = replace(settings, dp_rounds=policy.max_rounds)
     return replace(settings, min_sites=noise_sites(policy, settings)) if settings.distributed_noise else settings
 
 
@@ -242,6 +253,9 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> None:
         raise PolicyViolation("secret-noise", "the server asked for noise replayable from the run's seed")
     if settings.dp and settings.delta > policy.max_delta:
         raise PolicyViolation("max-delta", f"delta {settings.delta:g} > {policy.max_delta:g}")
+    rounds = settings.pretrain_rounds + settings.finetune_rounds
+    if policy.max_rounds is not None and rounds > policy.max_rounds:
+        raise PolicyViolation("max-rounds", f"the run asks for {rounds} rounds > {policy.max_rounds}")
     if settings.distributed_noise:
         sites = noise_sites(policy, settings)
         if not sites:

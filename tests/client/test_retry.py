@@ -4,6 +4,7 @@ through the real ClientApp as a new process would serve it (no site kept in memo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from fedpir.client import client_app
 from fedpir.privacy.budget import LEDGER_NAME
 from fedpir.run_config import RunSettings
 from fedpir.training.model import build_model
-from fedpir.wire.protocol import BUDGET_EXHAUSTED, EPOCHS_KEY, ROUND_KEY, STAGE_KEY
+from fedpir.wire.protocol import EPOCHS_KEY, POLICY_REFUSED, ROUND_KEY, STAGE_KEY
 
 APP = client_app.make_client_app()
 
@@ -44,7 +45,7 @@ def training_entries(state: Path) -> list[dict]:
 
 def test_a_resumed_round_is_answered_again_without_spending_and_the_run_finishes(small_federation: Path,
                                                                                   tmp_path: Path) -> None:
-    # the default privacy settings: DP at the default budget, planned over the run's two rounds
+    # the default privacy settings: DP at the default budget, planned over the policy's max-rounds
     settings = RunSettings(run_dir=str(tmp_path / "run"), volume_size=16, batch_size=2, pretrain_rounds=0,
                            finetune_rounds=2)
     site, state = small_federation / "site-0", tmp_path / "state"
@@ -56,7 +57,7 @@ def test_a_resumed_round_is_answered_again_without_spending_and_the_run_finishes
     second = request(settings, site, state, 2, after_one)
     assert not second.has_error()
     spent = training_entries(state)
-    assert len(spent) == 2 and spent[-1]["epsilon"] == pytest.approx(settings.epsilon_budget, rel=0.05)
+    assert len(spent) == 2 and 0 < spent[-1]["epsilon"] < settings.epsilon_budget / 2
     # the server died before it aggregated round 2 and resumes from its checkpoint of round 1
     again = request(settings, site, state, 2, after_one)
     assert not again.has_error(), "the repeated round must not be refused for the budget it already spent"
@@ -64,8 +65,26 @@ def test_a_resumed_round_is_answered_again_without_spending_and_the_run_finishes
     sent, resent = second.content["arrays"].to_torch_state_dict(), again.content["arrays"].to_torch_state_dict()
     assert sent.keys() == resent.keys() and all(torch.equal(sent[k], resent[k]) for k in sent)
     assert dict(second.content["metrics"]) == dict(again.content["metrics"])
-    # the replay is no free pass: other weights are a new round, and the budget is spent
+    # the replay is no free pass: other weights are a new round, which trains and spends
     other = {k: v + 0.01 for k, v in after_one.items()}
-    refused = request(settings, site, state, 2, other)
-    assert refused.has_error() and refused.error.code == BUDGET_EXHAUSTED
-    assert training_entries(state) == spent
+    assert not request(settings, site, state, 2, other).has_error()
+    assert len(training_entries(state)) == 3 and training_entries(state)[-1]["epsilon"] > spent[-1]["epsilon"]
+
+
+def test_the_site_plans_its_noise_over_its_policy_not_the_servers_round_count(small_federation: Path,
+                                                                               tmp_path: Path) -> None:
+    """A server that asks for 1,000 rounds, to make each round (and the evaluation it unlocks) nearly free,
+    is refused; fewer rounds than the policy's max-rounds get the same noise per round as more."""
+    site = small_federation / "site-0"
+    base = RunSettings(run_dir=str(tmp_path / "run"), volume_size=16, batch_size=2, pretrain_rounds=0)
+    model = build_model(base)
+    start = {k: v for k, v in model.state_dict().items() if k in set(model.federated_keys(base.key_policy))}
+    greedy = request(replace(base, finetune_rounds=1000), site, tmp_path / "greedy", 1, start)
+    assert greedy.has_error() and greedy.error.code == POLICY_REFUSED and not (tmp_path / "greedy" / LEDGER_NAME).exists()
+    noise = []
+    for rounds in (2, 8):
+        state = tmp_path / f"state-{rounds}"
+        reply = request(replace(base, finetune_rounds=rounds), site, state, 1, start)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        noise.append(training_entries(state)[0]["noise_multiplier"])
+    assert noise[0] == pytest.approx(noise[1]) and noise[0] > 0

@@ -20,8 +20,10 @@ def train(*argv: str) -> int:
 
 def test_train_cli_private_rounds_then_budget_refusal(small_federation: Path, tmp_path: Path) -> None:
     site = small_federation / "site-1"
+    policy = tmp_path / "policy.json"  # the default policy, but a budget of 6 and its noise planned over two rounds
+    policy.write_text(json.dumps({"max-rounds": 2, "max-epsilon": 6.0}))
     common = ["--site", str(site), "--stage", "finetune", "--task", "classification", "--size", "16",
-              "--state-dir", str(tmp_path / "state"), "--no-progress"]
+              "--state-dir", str(tmp_path / "state"), "--privacy-policy", str(policy), "--no-progress"]
     out = tmp_path / "run.json"
     assert train(*common, "--rounds", "2", "--epsilon", "6", "--out", str(out)) == 0
     result = json.loads(out.read_text())
@@ -42,7 +44,7 @@ def test_train_cli_private_rounds_then_budget_refusal(small_federation: Path, tm
 
 
 @pytest.mark.parametrize(("flags", "rule"), [(["--no-dp"], "dp-required"), (["--epsilon", "20"], "max-epsilon"),
-                                             (["--reproducible-noise"], "secret-noise")])
+                                             (["--reproducible-noise"], "secret-noise"), (["--rounds", "33"], "max-rounds")])
 def test_train_with_a_nodes_state_folder_obeys_the_nodes_policy(small_federation: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str], flags: list[str],
                                                                 rule: str) -> None:
