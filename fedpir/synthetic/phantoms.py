@@ -12,7 +12,6 @@ import numpy as np
 
 from fedpir.synthetic.anatomy import Anatomy, Grid, random_warp
 from fedpir.synthetic.mr_signal import LITERATURE_1P5T, TISSUES, Sequence, TissueParams
-from fedpir.synthetic.sizes import LESION_CLASS_NAMES
 
 #: Tissue label values of ``tissue.nii.gz``.
 TISSUE_LABELS: dict[str, int] = {"background": 0, "csf": 1, "gm": 2, "wm": 3, "lesion": 4}
@@ -32,7 +31,8 @@ class LesionClass:
     count: tuple[int, int]
 
 
-#: The lesion classes. "A" is the public one: a tumour-sized mass (40-70 mm across, several voxels
+#: The lesion classes (their names, for the flags, are ``sizes.LESION_CLASS_NAMES``).
+#: "A" is the public one: a tumour-sized mass (40-70 mm across, several voxels
 #: even on the 8 mm voxels of 24^3 CPU runs) with oedema, dark on T1w and bright on T2w, FLAIR and
 #: PD-w (``mr_signal``). Public data may hold it, with masks. "B" is the sites' private target, which
 #: no public scan holds: one or two smaller lesions with the opposite signature, short T1 and very
@@ -42,7 +42,6 @@ LESION_CLASSES: dict[str, LesionClass] = {
     "A": LesionClass("A", LITERATURE_1P5T["lesion"], cv=0.10, radius_mm=(20.0, 35.0), count=(1, 1)),
     "B": LesionClass("B", TissueParams(t1=250.0, t2=40.0, pd=0.85), cv=0.10, radius_mm=(15.0, 25.0), count=(1, 2)),
 }
-assert tuple(LESION_CLASSES) == LESION_CLASS_NAMES
 
 
 @dataclass

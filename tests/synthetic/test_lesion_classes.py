@@ -62,4 +62,4 @@ def test_class_b_patients_have_one_or_two_lesions_and_unknown_classes_are_refuse
     assert counts <= {1, 2} and 2 in counts
     with pytest.raises(ValueError, match="lesion_class must be one of A, B"):
         generate_federation(tmp_path / "x", lesion_class="C")
-    assert set(LESION_TEMPLATES) == set(LESION_CLASSES) == set(LESION_CLASS_NAMES)
+    assert tuple(LESION_TEMPLATES) == tuple(LESION_CLASSES) == LESION_CLASS_NAMES  # one list of classes
