@@ -59,7 +59,7 @@ from fedpir.run_config import RunSettings
 for attr in ("_run_id", "_task_id", "_node_id"):
     setattr(TaskIdentity, attr, 1)
 kind, site_dir, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-(work / "policy.toml").write_text("max-epsilon = 6.0\nalignment-statistics = true\n")
+(work / "policy.toml").write_text("max-epsilon = 6.0\nalignment-statistics = true\nmin-release-patients = 2\n")
 settings = RunSettings(run_dir=str(work / "run"), volume_size=16, batch_size=2, epsilon_budget=6.0, accountant="rdp",
                        noise_multiplier=2.0, align=True, text_encoder=kind)
 model = build_model(settings)
