@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message
 
 from fedpir.client.site import Site, SiteDataError
 from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyLedger
-from fedpir.privacy.policy import PolicyViolation, SitePolicy, bind_budget, check_plan
+from fedpir.privacy.policy import PolicyViolation, SitePolicy, bind_budget, check_lifetime_rounds, check_plan
 from fedpir.privacy.release import EvaluationAllowance, training_entries
 from fedpir.wire.protocol import (
     BUDGET_EXHAUSTED,
@@ -86,6 +86,7 @@ def admit_training(policy: SitePolicy, site: Site, epochs: int) -> None:
     :func:`~fedpir.privacy.policy.check_request` before the site was built)."""
     _bind(site, policy)
     trainer = site.trainer
+    check_lifetime_rounds(policy, len(training_entries(trainer.ledger.entries)))
     if trainer.budget is not None:
         check_plan(policy, site.settings, budget=trainer.budget.epsilon_budget, delta=trainer.delta,
                    noise_multiplier=trainer.plan(epochs).noise_multiplier)

@@ -80,12 +80,14 @@ def run(args: argparse.Namespace) -> int:
         DEFAULT_POLICY,
         PolicyViolation,
         bind_budget,
+        check_lifetime_rounds,
         check_plan,
         check_request,
         load_policy,
         site_budget,
         site_settings,
     )
+    from fedpir.privacy.release import training_entries
     from fedpir.training.model import build_model
     from fedpir.training.trainer import LocalTrainer
 
@@ -127,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     for r in range(args.rounds):
         try:
+            if policy is not None:
+                check_lifetime_rounds(policy, len(training_entries(trainer.ledger.entries)))
             if policy is not None and trainer.budget is not None:
                 check_plan(policy, settings, budget=trainer.budget.epsilon_budget, delta=trainer.delta,
                            noise_multiplier=trainer.plan(settings.local_epochs).noise_multiplier)

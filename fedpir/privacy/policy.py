@@ -73,11 +73,10 @@ class SitePolicy:
             Once recorded in the ledger it can only be lowered.
         max_delta: the largest delta the site's guarantee may have.
         min_noise_multiplier: the smallest DP-SGD noise multiplier a round may use.
-        max_rounds: the most training rounds a run may ask for, and the rounds over which the site
-            plans its DP noise whatever the server's round count, so that a run of more rounds than
-            planned cannot make each round (and the evaluation it unlocks) nearly free: after
-            max-rounds rounds at that noise the budget is spent. None (research policy only): the
-            run's rounds.
+        max_rounds: the most training rounds of the site's life (a run may ask for at most this
+            many), and the rounds over which it plans its DP noise whatever the server's round
+            count, so that neither a huge round count nor a huge fixed noise can make rounds (and
+            the evaluations they unlock) nearly free. None (research policy only): the run's rounds.
         key_policies: the key policies (which weights leave) the site accepts; ``fedpir`` is
             shared-only.
         secret_noise_required: the noise must be drawn from the OS's entropy, never from the seed.
@@ -265,6 +264,12 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> None:
                                                        f"site splits its noise only with at least {sites}")
     if settings.dp and policy.max_epsilon is not None and settings.epsilon_budget > policy.max_epsilon:
         raise PolicyViolation("max-epsilon", f"epsilon budget {settings.epsilon_budget:g} > {policy.max_epsilon:g}")
+
+
+def check_lifetime_rounds(policy: SitePolicy, rounds_done: int) -> None:
+    """Raise :class:`PolicyViolation` once the site has trained the rounds its policy allows in its life."""
+    if policy.max_rounds is not None and rounds_done >= policy.max_rounds:
+        raise PolicyViolation("max-rounds", f"the site has trained the {policy.max_rounds} rounds its policy allows")
 
 
 def check_plan(policy: SitePolicy, settings: RunSettings, *, budget: float, delta: float | None,

@@ -20,8 +20,8 @@ def train(*argv: str) -> int:
 
 def test_train_cli_private_rounds_then_budget_refusal(small_federation: Path, tmp_path: Path) -> None:
     site = small_federation / "site-1"
-    policy = tmp_path / "policy.json"  # the default policy, but a budget of 6 and its noise planned over two rounds
-    policy.write_text(json.dumps({"max-rounds": 2, "max-epsilon": 6.0}))
+    policy = tmp_path / "policy.json"  # the default policy, but a budget of 6 and its noise planned over three rounds
+    policy.write_text(json.dumps({"max-rounds": 3, "max-epsilon": 6.0}))
     common = ["--site", str(site), "--stage", "finetune", "--task", "classification", "--size", "16",
               "--state-dir", str(tmp_path / "state"), "--privacy-policy", str(policy), "--no-progress"]
     out = tmp_path / "run.json"
@@ -36,8 +36,9 @@ def test_train_cli_private_rounds_then_budget_refusal(small_federation: Path, tm
     # metrics are on held-out patients, never on the ones trained on
     assert result["config"]["train_patients"] == 6 and result["config"]["heldout_patients"] == 2
     assert rounds[0]["n_patients"] == 6 and rounds[0]["heldout_n_patients"] == 2
-    # the site's budget is spent: a further run on the same state folder is refused
-    assert train(*common, "--rounds", "1", "--epsilon", "6", "--out", str(out)) == train_cli.EXIT_BUDGET
+    # a further round, with the least noise the policy allows, would overspend the budget: refused
+    assert train(*common, "--rounds", "1", "--epsilon", "6", "--noise-multiplier", "0.5",
+                 "--out", str(out)) == train_cli.EXIT_BUDGET
     assert json.loads(out.read_text())["rounds"] == []
     ledger = (tmp_path / "state" / "privacy_ledger.jsonl").read_text().splitlines()
     assert len(ledger) == 2
@@ -54,6 +55,19 @@ def test_train_with_a_nodes_state_folder_obeys_the_nodes_policy(small_federation
     err = capsys.readouterr().err.strip()
     assert f"rule {rule}" in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not state.exists()  # nothing written: no signed entry, no key
+
+
+def test_a_node_trains_no_more_rounds_in_its_life_than_its_policy_allows(small_federation: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"max-rounds": 1}))
+    argv = ["train", "--site", str(small_federation / "site-1"), "--size", "16", "--state-dir", str(tmp_path / "state"),
+            "--privacy-policy", str(policy), "--rounds", "1", "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2  # a second run, however small: the site's life allows one round
+    assert "rule max-rounds" in capsys.readouterr().err
+    assert len((tmp_path / "state" / "privacy_ledger.jsonl").read_text().splitlines()) == 1
 
 
 def test_the_nodes_own_policy_file_decides(small_federation: Path, tmp_path: Path) -> None:
