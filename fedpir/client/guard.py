@@ -22,6 +22,8 @@ from fedpir.client.site import Site, SiteDataError
 from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyLedger
 from fedpir.privacy.policy import PolicyViolation, SitePolicy, bind_budget, check_lifetime_rounds, check_plan
 from fedpir.privacy.release import EvaluationAllowance, training_entries
+from fedpir.run_config import RunSettings
+from fedpir.training.trainer import LocalTrainer
 from fedpir.wire.protocol import (
     BUDGET_EXHAUSTED,
     DATA_UNAVAILABLE,
@@ -85,10 +87,16 @@ def admit_training(policy: SitePolicy, site: Site, epochs: int) -> None:
     """Raise unless the site may train a round of ``epochs`` epochs (the request itself passed
     :func:`~fedpir.privacy.policy.check_request` before the site was built)."""
     _bind(site, policy)
-    trainer = site.trainer
+    check_round(policy, site.trainer, site.settings, epochs)
+
+
+def check_round(policy: SitePolicy, trainer: LocalTrainer, settings: RunSettings, epochs: int) -> None:
+    """Raise :class:`PolicyViolation` unless ``trainer`` may train one more round of ``epochs`` epochs:
+    the site's lifetime rounds, then the round's resolved DP figures (also `fedpir train` on a node's
+    state folder)."""
     check_lifetime_rounds(policy, len(training_entries(trainer.ledger.entries)))
     if trainer.budget is not None:
-        check_plan(policy, site.settings, budget=trainer.budget.epsilon_budget, delta=trainer.delta,
+        check_plan(policy, settings, budget=trainer.budget.epsilon_budget, delta=trainer.delta,
                    noise_multiplier=trainer.plan(epochs).noise_multiplier)
 
 

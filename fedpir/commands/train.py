@@ -69,6 +69,7 @@ def settings_of(args: argparse.Namespace, modalities: list[str]) -> RunSettings:
 
 def run(args: argparse.Namespace) -> int:
     """Train ``--rounds`` rounds, evaluate on held-out patients after each, print and write the records."""
+    from fedpir.client.guard import check_round
     from fedpir.client.site import split_patients
     from fedpir.data.dataset import load_site
     from fedpir.data.layouts import site_vocabulary
@@ -80,14 +81,12 @@ def run(args: argparse.Namespace) -> int:
         DEFAULT_POLICY,
         PolicyViolation,
         bind_budget,
-        check_lifetime_rounds,
         check_plan,
         check_request,
         load_policy,
         site_budget,
         site_settings,
     )
-    from fedpir.privacy.release import training_entries
     from fedpir.training.model import build_model
     from fedpir.training.trainer import LocalTrainer
 
@@ -130,10 +129,7 @@ def run(args: argparse.Namespace) -> int:
     for r in range(args.rounds):
         try:
             if policy is not None:
-                check_lifetime_rounds(policy, len(training_entries(trainer.ledger.entries)))
-            if policy is not None and trainer.budget is not None:
-                check_plan(policy, settings, budget=trainer.budget.epsilon_budget, delta=trainer.delta,
-                           noise_multiplier=trainer.plan(settings.local_epochs).noise_multiplier)
+                check_round(policy, trainer, settings, settings.local_epochs)
             train = trainer.train_round(objective, settings.local_epochs, groups=groups, progress=not args.no_progress)
         except PolicyViolation as err:
             print(f"round {r}: {err}", file=sys.stderr)
