@@ -22,6 +22,8 @@ STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimm
 #: Strategies whose aggregation is the weighted mean that SecAgg+ computes (the others need the
 #: individual updates: median, trimmed mean, the modality-aware mean, server optimizers).
 SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+#: The sites' optimizers (fedpir.training.trainer builds each; a test keeps the two equal).
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "adamw")
 #: Opacus accountants (fedpir.privacy.dp).
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: fedpir's folder in the user's home: runs that name no run folder, cached public warm starts.
@@ -61,8 +63,10 @@ class RunSettings:
     pretrain_rounds: int = knob(0, "private pretraining rounds (the public warm start is the pretraining)")
     finetune_rounds: int = knob(4, "private fine-tuning rounds")
     local_epochs: int = knob(1, "local epochs per round")
-    batch_size: int = knob(4, "expected patients per batch")
+    batch_size: int = knob(4, "expected patients per batch; 0: all of a site's training patients (one step per epoch)")
     lr: float = knob(0.001, "learning rate")
+    optimizer: str = knob("adam", "the sites' optimizer (sgd: plain SGD, as a private phase wants; see docs/architecture.md)",
+                          choices=OPTIMIZERS)
     strategy: str = knob("fedavg", "server strategy of the federated methods", choices=STRATEGIES)
     key_policy: str = knob("fedpir", "which state-dict keys a site sends (PIRNet.federated_keys)", choices=KEY_POLICIES)
     dp: bool = knob(True, "patient-level DP-SGD (off: train without differential privacy)")
@@ -87,6 +91,8 @@ class RunSettings:
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     warm_start: str = knob("", "public warm-start file (fedpir pretrain-public); empty: random initialisation")
     warm_start_sha256: str = knob("", "the warm start's SHA-256, checked by the server and every site")
+    segment_positive_weight: float = knob(0.0, "segmentation loss: 0, MONAI Dice+CE; > 0, binary cross-entropy with lesion "
+                                                 "voxels weighted by this")
     augment_views: int = knob(2, "fine-tuning: augmented views averaged per patient before clipping (0: none)")
     invariance_weight: float = knob(1.0, "weight of the invariance term (0: the fedpir-noinv ablation)")
     transfer_dtype: str = knob("float32", "how sites send their shared weights (float16/int8 halve/quarter the bytes)",
@@ -113,6 +119,8 @@ class RunSettings:
             trainable_groups(spec)
         if not MIN_VOLUME_SIZE <= self.volume_size <= MAX_VOLUME_SIZE:
             raise ValueError(f"volume-size must be in [{MIN_VOLUME_SIZE}, {MAX_VOLUME_SIZE}] voxels, got {self.volume_size}")
+        if self.batch_size < 0 or self.lr <= 0 or self.segment_positive_weight < 0:
+            raise ValueError("batch-size must be >= 0 (0: the whole site), lr > 0 and segment-positive-weight >= 0")
         if self.dp_rounds < 0:
             raise ValueError(f"dp-rounds must be >= 0, got {self.dp_rounds}")
         if self.proximal_mu < 0:

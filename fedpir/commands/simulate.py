@@ -17,7 +17,8 @@ from fedpir.simulation.presets import PRESET_KNOBS, PRESETS
 #: The run settings `fedpir simulate` offers as flags (the rest keep their defaults).
 KNOBS: tuple[str, ...] = (
     "seed", "num_sites", "subjects_per_site", "site_lesion", "volume_size", "pretrain_rounds", "finetune_rounds", "local_epochs",
-    "batch_size", "lr", "finetune_task", "strategy", "dp", "epsilon_budget", "secret_noise", "pretrain_trainable",
+    "batch_size", "lr", "optimizer", "segment_positive_weight", "finetune_task", "strategy", "dp", "epsilon_budget",
+    "secret_noise", "pretrain_trainable",
     "finetune_trainable", "mim", "anatomical", "proximal_mu", "device", "augment_views", "transfer_dtype",
 )
 

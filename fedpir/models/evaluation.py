@@ -98,7 +98,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], modalities: 
             encoded = net.encode_available(image, present)
             if not encoded:
                 continue
-            x_hs = {m: x_h for m, (x_h, _) in encoded.items()}
+            x_hs = {m: e.x_h for m, e in encoded.items()}
             for s, x_h in x_hs.items():
                 pred = net.decode(x_h)
                 for t in x_hs:
@@ -111,17 +111,17 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Tensor]], modalities: 
                         ssim[(s, t)] = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=_ssim_window(y.shape[2:]))
                     psnr[(s, t)](p, y)
                     ssim[(s, t)](p, y)
-            x_rep, skips = pool_levels(encoded, present)
+            pooled = pool_levels(encoded, present)
             has_any = present.any(1)
             if "mask" in batch:
                 has_mask = True
-                seg = (torch.sigmoid(net.segment(x_rep, skips)) > 0.5).float()
+                seg = (torch.sigmoid(net.segment(*pooled)) > 0.5).float()
                 mask = batch["mask"][has_any].float()
                 dice(seg[has_any], mask)
                 lesion_patients += int((mask.flatten(1).sum(1) > 0).sum())
             if "label" in batch:
                 keep = has_any & (batch["label"] >= 0)
-                probs.append(F.softmax(net.classify(x_rep[keep]), dim=1).cpu())
+                probs.append(F.softmax(net.classify(pooled.x_h[keep]), dim=1).cpu())
                 labels.append(batch["label"][keep].long().cpu())
     finally:
         net.train(was_training)

@@ -14,13 +14,13 @@ KEY_POLICIES: tuple[str, ...] = ("fedpir", "fedavg", "fedbn", "fedper", "local")
 #: its "finetune" stage trains the run's task), and the top-level modules each objective uses.
 OBJECTIVE_MODULES: dict[str, tuple[str, ...]] = {
     "pretrain": ("adapters", "encoder", "fusion", "decoder", "rotation_head", "projection_head"),
-    "segmentation": ("adapters", "encoder", "fusion", "seg_head"),
+    "segmentation": ("adapters", "encoder", "fusion", "seg_head", "lesion_probe"),
     "classification": ("adapters", "encoder", "fusion", "cls_head"),
 }
 TASKS: tuple[str, ...] = ("segmentation", "classification")
 #: Parameter groups, the unit in which a round chooses what it trains (see PIRNet.group_of).
 PARAMETER_GROUPS: tuple[str, ...] = (
-    "adapters", "norms", "encoder", "prior", "fusion", "decoder", "ssl_heads", "task_head", "task_out",
+    "adapters", "norms", "encoder", "prior", "fusion", "decoder", "ssl_heads", "task_head", "task_out", "probe",
 )
 #: Named choices of trained groups: "all" trains every group the objective uses; "head" only the
 #: task head (a frozen encoder).

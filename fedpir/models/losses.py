@@ -49,7 +49,8 @@ ALICE_TERMS: tuple[str, ...] = ("mim", "anatomical")
 
 @dataclass
 class LossConfig:
-    """Weights and settings of the pretraining losses (Alice terms ``mim``/``anatomical`` off by default)."""
+    """Weights and settings of the pretraining losses (Alice terms ``mim``/``anatomical`` off by default),
+    and the fine-tuning segmentation loss's ``positive_weight`` (see :func:`finetune_losses`)."""
 
     w_rotation: float = 1.0
     w_contrastive: float = 1.0
@@ -64,6 +65,7 @@ class LossConfig:
     anatomical: bool = False
     w_anatomical: float = 0.5
     anatomical_crops: int = 4
+    positive_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -229,7 +231,7 @@ def pretrain_losses(
     levels: dict[int, list[Tensor]] = {}
     for m in torch.nonzero(present.any(0)).flatten().tolist():
         x, w = image[:, m : m + 1], weights[:, m]
-        x_h, skips = net.encode_levels(x, m)
+        x_h, skips, _ = net.encode_levels(x, m)
         levels[m] = [x_h, *skips]
         terms["reconstruction"] += w * reconstruction_error(net.decode(x_h), image, present, cfg)
 
@@ -295,7 +297,7 @@ def augmented_views(
 
 def finetune_losses(
     model: nn.Module, batch: dict[str, Tensor], task: str, views: int = 0, generator: torch.Generator | None = None,
-    modality_dropout: float = 0.0,
+    modality_dropout: float = 0.0, positive_weight: float = 0.0,
 ) -> dict[str, Tensor]:
     """Stage-2 loss on X_h averaged over each patient's available modalities: {task, "total"}.
 
@@ -306,7 +308,9 @@ def finetune_losses(
     (evaluation).
 
     "segmentation": MONAI DiceCELoss(sigmoid=True) against batch["mask"] [B, 1, D, H, W] (Dice per
-    patient, so the batch loss is the mean of per-patient losses). "classification": CE against
+    patient, so the batch loss is the mean of per-patient losses); with ``positive_weight`` > 0, the
+    voxel-wise binary cross-entropy with lesion voxels weighted by it (convex in the lesion probe,
+    which the few steps of a private phase need). "classification": CE against
     batch["label"] [B] (int64, -1 = unlabeled); unlabeled patients contribute 0 and the sum is
     divided by B, not by the number of labeled patients, to keep the per-patient decomposition.
     """
@@ -314,15 +318,17 @@ def finetune_losses(
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
     if views > 0:
         seeds = patient_seeds(batch["image"].shape[0], batch.get("seed"), generator)
-        losses = [finetune_losses(model, augmented_views(batch, v, seeds, modality_dropout), task) for v in range(views)]
+        losses = [finetune_losses(model, augmented_views(batch, v, seeds, modality_dropout), task,
+                                  positive_weight=positive_weight) for v in range(views)]
         return {k: sum(loss[k] for loss in losses) / views for k in losses[0]}
     net = unwrap(model)
     image, present = check_batch(net, batch)
     if task == "segmentation":
         if "mask" not in batch:
             raise KeyError("segmentation needs a 'mask' entry in the batch")
-        x_h, skips = net.represent(image, present, with_skips=True)
-        loss = DiceCELoss(sigmoid=True)(net.segment(x_h, skips), batch["mask"].to(image))
+        logits, mask = net.segment(*net.represent(image, present, with_skips=True)), batch["mask"].to(image)
+        loss = (DiceCELoss(sigmoid=True)(logits, mask) if positive_weight <= 0 else
+                F.binary_cross_entropy_with_logits(logits, mask, pos_weight=logits.new_tensor(positive_weight)))
     else:
         x_h = net.represent(image, present)
         if "label" not in batch:

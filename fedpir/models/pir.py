@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 from opacus import GradSampleModule
 from torch import Tensor, nn
 
-from fedpir.models.blocks import CNNEncoder, ModalityAdapter, ModalityDecoder, PriorFusion
+from fedpir.models.blocks import CNNEncoder, LesionProbe, ModalityAdapter, ModalityDecoder, PriorFusion
 from fedpir.models.groups import KEY_POLICIES, OBJECTIVE_MODULES, PARAMETER_GROUPS
 from fedpir.models.heads import PooledLinearHead, ProjectionHead, SegmentationHead
 
@@ -57,6 +58,16 @@ class PIRConfig:
         return 2 ** (len(self.channels) - 1)
 
 
+class Encoded(NamedTuple):
+    """What the encoder gives the heads for one modality, or averaged over a patient's modalities:
+    X_h [B, C, d, h, w], the encoder's features above the bottleneck (input resolution first) and
+    the lesion probe's evidence [B, 1, D, H, W]."""
+
+    x_h: Tensor
+    skips: list[Tensor]
+    evidence: Tensor
+
+
 @dataclass(frozen=True)
 class KeyGroups:
     """State-dict keys of a :class:`PIRNet` split into the three ownership groups of docs/architecture.md
@@ -90,6 +101,7 @@ class PIRNet(nn.Module):
         self.rotation_head = PooledLinearHead(dim, 4)
         self.projection_head = ProjectionHead(dim, cfg.proj_dim)
         self.seg_head = SegmentationHead(widths)
+        self.lesion_probe = LesionProbe(len(cfg.modalities), widths[0])
         self.cls_head = PooledLinearHead(dim, cfg.num_classes)
 
     @property
@@ -111,40 +123,47 @@ class PIRNet(nn.Module):
         """One modality [B, 1, D, H, W] -> X_h [B, C, d, h, w]."""
         return self.encode_levels(x, modality)[0]
 
-    def encode_levels(self, x: Tensor, modality: int) -> tuple[Tensor, list[Tensor]]:
-        """One modality -> (X_h, the encoder's features above the bottleneck, input resolution first)."""
+    def encode_levels(self, x: Tensor, modality: int) -> Encoded:
+        """One modality -> its :class:`Encoded` (the probe reads the decoder's rebuild of this modality
+        from its own X_h, as a constant)."""
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"encode expects [B, 1, D, H, W], got {tuple(x.shape)}")
-        levels = self.encoder.levels(self.adapters(x, self.modality_index(modality)))
-        return self.fusion(levels[-1]), levels[:-1]
+        m = self.modality_index(modality)
+        calibrated = self.adapters(x, m)
+        levels = self.encoder.levels(calibrated)
+        x_h = self.fusion(levels[-1])
+        with torch.no_grad():  # a feature of the probe, not a path for gradients (nor Opacus hooks) into the decoder
+            rebuilt = self.decoder(x_h)[:, m : m + 1]
+        return Encoded(x_h, levels[:-1], self.lesion_probe(calibrated, levels[0], calibrated - rebuilt, m))
 
     def decode(self, x_h: Tensor) -> Tensor:
         """X_h -> every modality of the vocabulary [B, M, D, H, W]."""
         return self.decoder(x_h)
 
-    def segment(self, x_h: Tensor, skips: list[Tensor]) -> Tensor:
-        """X_h (and the encoder skips of :meth:`represent`) -> lesion logits [B, 1, D, H, W]."""
-        return self.seg_head(x_h, skips)
+    def segment(self, x_h: Tensor, skips: list[Tensor], evidence: Tensor) -> Tensor:
+        """A patient's :class:`Encoded` (from :meth:`represent`) -> lesion logits [B, 1, D, H, W]: the
+        head's, plus the lesion probe's evidence."""
+        return self.seg_head(x_h, skips) + evidence
 
     def classify(self, x_h: Tensor) -> Tensor:
         """X_h -> class logits [B, num_classes]."""
         return self.cls_head(x_h)
 
-    def encode_available(self, image: Tensor, present: Tensor) -> dict[int, tuple[Tensor, list[Tensor]]]:
-        """(X_h, encoder skips) of every modality that some patient of the batch has, by modality index."""
+    def encode_available(self, image: Tensor, present: Tensor) -> dict[int, Encoded]:
+        """The :class:`Encoded` of every modality that some patient of the batch has, by modality index."""
         return {m: self.encode_levels(image[:, m : m + 1], m) for m in torch.nonzero(present.any(0)).flatten().tolist()}
 
-    def represent(self, image: Tensor, present: Tensor, with_skips: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def represent(self, image: Tensor, present: Tensor, with_skips: bool = False) -> Tensor | Encoded:
         """Mean of X_h over each patient's available modalities (zeros for a patient with none).
 
-        image [B, M, D, H, W], present bool [B, M] -> [B, C, d, h, w]; with ``with_skips`` also the
-        per-patient mean of each encoder level above the bottleneck (for :meth:`segment`).
+        image [B, M, D, H, W], present bool [B, M] -> [B, C, d, h, w]; with ``with_skips`` the whole
+        per-patient mean :class:`Encoded` (for :meth:`segment`).
         """
         encoded = self.encode_available(image, present)
         if not encoded:
             raise ValueError("no patient in the batch has any modality")
-        x_h, skips = pool_levels(encoded, present)
-        return (x_h, skips) if with_skips else x_h
+        pooled = pool_levels(encoded, present)
+        return pooled if with_skips else pooled.x_h
 
     # ---- the shared/local split (declared once) -------------------------------------------
     def key_groups(self) -> KeyGroups:
@@ -197,13 +216,15 @@ class PIRNet(nn.Module):
     def group_of(self, name: str) -> str:
         """The :data:`PARAMETER_GROUPS` entry of a parameter: normalization affine parameters are
         "norms" wherever they are; a task head's output layer is "task_out" (a few hundred
-        parameters) and the rest of it "task_head"; the prior P is "prior", the rotation and
+        parameters) and the rest of it "task_head"; the prior P is "prior", the lesion probe "probe", the rotation and
         projection heads are "ssl_heads", and the rest is named after its top-level module."""
         top = name.split(".")[0]
         if name.rsplit(".", 1)[0] in self.norm_paths:
             return "norms"
         if name.startswith(("seg_head.out.", "cls_head.linear.")):
             return "task_out"
+        if top == "lesion_probe":
+            return "probe"
         if top in self.TASK_HEADS:
             return "task_head"
         if name.startswith("fusion.prior."):
@@ -247,12 +268,13 @@ def average_over_modalities(x_hs: dict[int, Tensor], present: Tensor) -> Tensor:
     return total / weights.sum(1).clamp(min=1).view(shape)
 
 
-def pool_levels(encoded: dict[int, tuple[Tensor, list[Tensor]]], present: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Per-patient mean over available modalities of X_h and of each encoder skip level."""
-    x_h = average_over_modalities({m: e[0] for m, e in encoded.items()}, present)
-    depth = len(next(iter(encoded.values()))[1])
-    skips = [average_over_modalities({m: e[1][i] for m, e in encoded.items()}, present) for i in range(depth)]
-    return x_h, skips
+def pool_levels(encoded: dict[int, Encoded], present: Tensor) -> Encoded:
+    """Per-patient mean over available modalities of X_h, of each encoder skip level and of the
+    probe's evidence."""
+    x_h = average_over_modalities({m: e.x_h for m, e in encoded.items()}, present)
+    depth = len(next(iter(encoded.values())).skips)
+    skips = [average_over_modalities({m: e.skips[i] for m, e in encoded.items()}, present) for i in range(depth)]
+    return Encoded(x_h, skips, average_over_modalities({m: e.evidence for m, e in encoded.items()}, present))
 
 
 def unwrap(model: nn.Module) -> PIRNet:

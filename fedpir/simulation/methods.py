@@ -21,6 +21,10 @@ References that the validity gates read (:mod:`fedpir.simulation.gates`):
 
 from __future__ import annotations
 
+#: The no-DP references' recipe, whatever the run's private phase: every group, Adam, batches of 4, Dice+CE, 8
+#: rounds (what the sites' data can teach at best, as measured before the private phase had its own recipe).
+NODP_RECIPE: dict[str, object] = {"dp": False, "finetune_trainable": "all", "pretrain_trainable": "all", "optimizer": "adam",
+                                  "lr": 1e-3, "batch_size": 4, "segment_positive_weight": 0.0, "finetune_rounds": 8}
 #: Federated methods and the key policy each runs with.
 FEDERATED: dict[str, str] = {"fedpir": "fedpir", "fedpir-dn": "fedpir", "fedpir-noinv": "fedpir", "scratch": "fedpir",
                              "fedavg": "fedavg", "fedbn": "fedbn", "fedper": "fedper"}

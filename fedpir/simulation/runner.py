@@ -21,7 +21,7 @@ from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
 from fedpir.server.server_app import stages
 from fedpir.simulation.engine import run_flower
-from fedpir.simulation.methods import FEDERATED, METHODS
+from fedpir.simulation.methods import FEDERATED, METHODS, NODP_RECIPE
 from fedpir.training.model import build_model
 from fedpir.training.trainer import LocalTrainer
 
@@ -110,7 +110,7 @@ def method_settings(method: str, settings: RunSettings, run_dir: Path,
     elif method == "scratch":
         changes.update(warm_start="", warm_start_sha256="")
     elif method.endswith("-nodp"):  # what the sites' data can teach at best: no DP, every group trains
-        changes.update(dp=False, finetune_trainable="all", pretrain_trainable="all")
+        changes.update(NODP_RECIPE)
     return replace(settings, **changes)
 
 

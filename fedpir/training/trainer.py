@@ -134,8 +134,9 @@ class LocalTrainer:
         ``modality_dropout``: see :func:`~fedpir.models.losses.augmented_views`."""
         return cls(model, dataset, dp=dp_config_for(settings),
                    loss_cfg=LossConfig(w_invariance=settings.invariance_weight, mim=settings.mim,
-                                       anatomical=settings.anatomical),
-                   batch_size=settings.batch_size, lr=settings.lr, seed=seed, state_dir=state_dir,
+                                       anatomical=settings.anatomical, positive_weight=settings.segment_positive_weight),
+                   batch_size=settings.batch_size or len(dataset),  # type: ignore[arg-type]
+                   lr=settings.lr, optimizer=settings.optimizer, seed=seed, state_dir=state_dir,
                    device=settings.device, augment_views=settings.augment_views,
                    modality_dropout=modality_dropout, name=name, state_cipher=state_cipher)
 
@@ -198,7 +199,7 @@ class LocalTrainer:
             return pretrain_losses(self.model, batch, self.loss_cfg, generator=generator)
         views = self.augment_views if self.model.training else 0
         return finetune_losses(self.model, batch, objective, views=views, generator=generator,
-                               modality_dropout=self.modality_dropout)
+                               modality_dropout=self.modality_dropout, positive_weight=self.loss_cfg.positive_weight)
 
     def train_round(
         self,

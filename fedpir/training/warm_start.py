@@ -20,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedpir.data.dataset import load_site
+from fedpir.models.groups import PARAMETER_GROUPS
 from fedpir.models.losses import check_modality_dropout
 from fedpir.models.warm_start import save_warm_start
 from fedpir.run_config import RunSettings
@@ -27,6 +28,10 @@ from fedpir.synthetic.federation import generate_public_corpus
 from fedpir.training.model import build_model
 from fedpir.training.recipe import RECIPE, WarmStartRecipe
 from fedpir.training.trainer import LocalTrainer
+
+#: What public training trains: everything but the lesion probe, which stays at zero (the warm start
+#: segments with its head) for the sites' private phase to learn.
+PUBLIC_GROUPS: tuple[str, ...] = tuple(g for g in PARAMETER_GROUPS if g != "probe")
 
 
 def build_warm_start(
@@ -62,7 +67,7 @@ def build_warm_start(
     bar = tqdm(total=sum(e for _, e in plan), desc="warm start", unit="epoch", disable=not progress)
     for objective, epochs in plan:
         for _ in range(epochs):
-            metrics = trainers[objective].train_round(objective, 1, progress=False)
+            metrics = trainers[objective].train_round(objective, 1, groups=PUBLIC_GROUPS, progress=False)
             history.append({"objective": objective, "loss": metrics["loss_total"]})
             bar.set_postfix(objective=objective, loss=f"{metrics['loss_total']:.3f}")
             bar.update()

@@ -25,11 +25,12 @@ def test_forward_shapes() -> None:
     x_h = net.encode(x, 1)
     assert x_h.shape == (2, 64, 2, 2, 2)
     assert net.decode(x_h).shape == (2, 3, *SIZE)
-    x_h2, skips = net.encode_levels(x, 1)
+    x_h2, skips, evidence = net.encode_levels(x, 1)
     assert torch.equal(x_h, x_h2) and [s.shape[1] for s in skips] == [8, 16, 32]
-    assert net.segment(x_h, skips).shape == (2, 1, *SIZE)
+    assert evidence.shape == (2, 1, *SIZE)
+    assert net.segment(x_h, skips, evidence).shape == (2, 1, *SIZE)
     with pytest.raises(ValueError, match="skip features"):
-        net.segment(x_h, skips[:1])
+        net.segment(x_h, skips[:1], evidence)
     assert net.classify(x_h).shape == (2, 2)
     assert net.rotation_head(x_h).shape == (2, 4)
     assert net.projection_head(x_h).shape == (2, 32, 2, 2, 2)
@@ -160,3 +161,21 @@ def test_modality_of_key_names_each_decoder_head() -> None:
     assert set(heads.values()) == set(MODALITIES)
     assert all(k.startswith(f"decoder.out.{m}.") for k, m in heads.items())
     assert net.modality_of_key("encoder.blocks.0.conv.weight") is None
+
+
+def test_lesion_probe_starts_silent_is_shared_and_per_modality() -> None:
+    """Zero-initialised, the probe leaves the head's segmentation as it is; its keys are shared (the federation
+    pools them) and form the "probe" group; each modality has its own weights."""
+    net = make_net()
+    x = torch.randn(2, 1, *SIZE)
+    x_h, skips, evidence = net.encode_levels(x, 1)
+    assert torch.equal(evidence, torch.zeros_like(evidence))
+    assert torch.equal(net.segment(x_h, skips, evidence), net.seg_head(x_h, skips))
+    keys = [k for k in net.state_dict() if k.startswith("lesion_probe.")]
+    assert keys and set(keys) <= set(net.key_groups().shared)
+    assert {net.group_of(n) for n, _ in net.named_parameters() if n.startswith("lesion_probe.")} == {"probe"}
+    assert set(net.set_trainable("segmentation", ("probe",))) == {"lesion_probe.linear.weight", "lesion_probe.linear.bias"}
+    with torch.no_grad():
+        net.lesion_probe.linear.weight[2].fill_(1.0)  # modality 2's weights only
+    assert torch.equal(net.encode_levels(x, 1).evidence, evidence)
+    assert net.encode_levels(x, 2).evidence.abs().sum() > 0

@@ -15,6 +15,7 @@ from fedpir.data.dataset import load_site
 from fedpir.models.pir import PIRConfig, PIRNet
 from fedpir.privacy.budget import BudgetExceededError
 from fedpir.privacy.dp import DPConfig
+from fedpir.run_config import RunSettings
 from fedpir.training.trainer import LocalTrainer
 
 SIZE = (16, 16, 16)
@@ -59,8 +60,8 @@ def test_private_pretraining_then_finetuning_spends_one_budget(site, tmp_path: P
     assert {"loss_rotation", "loss_contrastive", "loss_reconstruction", "loss_invariance", "loss_total"} <= set(pre)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in pre.items() if k.startswith("loss_"))
     changed = [k for k, v in state(model).items() if not torch.equal(v, before[k])]
-    assert set(changed) >= set(model.key_groups().shared)
-    assert not any(k.startswith(("seg_head", "cls_head")) for k in changed)  # not trained in pretraining
+    assert set(changed) >= {k for k in model.key_groups().shared if not k.startswith("lesion_probe")}
+    assert not any(k.startswith(("seg_head", "cls_head", "lesion_probe")) for k in changed)  # not trained in pretraining
     sigma = json.loads((tmp_path / "privacy_ledger.jsonl").read_text().splitlines()[0])["noise_multiplier"]
     assert pre["steps"] == 2 and pre["epsilon"] == pytest.approx(independent_epsilon(sigma, 0.5, 2), rel=1e-9)
     fine = trainer.train_round("classification", progress=False)
@@ -185,3 +186,28 @@ def test_fedprox_mu_pulls_the_update_towards_the_global_weights(site, enabled: b
         return sum(float((end[k] - start[k]).norm() ** 2) for k in keys) ** 0.5
 
     assert 0 < distance(ends[50.0], exchanged) < 0.5 * distance(ends[0.0], exchanged)
+
+
+def test_private_phase_is_one_full_site_step_on_the_probe(site, tmp_path: Path) -> None:
+    """batch-size 0: every training patient in one batch (sample rate 1, one step per epoch); only the lesion
+    probe moves, by plain SGD on the weighted cross-entropy."""
+    vocab, dataset = site
+    model = make_model(vocab)
+    settings = RunSettings(modalities=",".join(vocab), volume_size=SIZE[0], batch_size=0, optimizer="sgd", lr=3.0,
+                           segment_positive_weight=30.0, noise_multiplier=1.0, augment_views=0)
+    trainer = LocalTrainer.for_run(settings, model, dataset, state_dir=tmp_path, seed=0)
+    before = state(model)
+    metrics = trainer.train_round("segmentation", groups=("probe",), progress=False)
+    assert metrics["steps"] == 1 and trainer.plan(1).sample_rate == 1.0
+    assert isinstance(trainer._session.optimizer.original_optimizer, torch.optim.SGD)
+    changed = {k for k, v in state(model).items() if not torch.equal(v, before[k])}
+    assert changed == {"lesion_probe.linear.weight", "lesion_probe.linear.bias"}
+    assert metrics["epsilon"] == pytest.approx(independent_epsilon(1.0, 1.0, 1), rel=1e-9)
+
+
+def test_the_run_settings_offer_every_optimizer_the_trainer_builds() -> None:
+    from fedpir.run_config import OPTIMIZERS
+    from fedpir.training.trainer import OPTIMIZERS as BUILT
+    assert tuple(BUILT) == OPTIMIZERS
+    with pytest.raises(ValueError, match="batch-size must be >= 0"):
+        RunSettings(batch_size=-1)
