@@ -13,6 +13,7 @@ from fedpir.commands.flags import add_settings_flags, settings_from_args
 from fedpir.run_config import STATE_ROOT, RunSettings
 from fedpir.simulation.methods import DEFAULT_METHODS, METHODS
 from fedpir.simulation.presets import PRESET_KNOBS, PRESETS
+from fedpir.simulation.sweep import NO_DP, SWEEP_SITE_SIZE, parse_sweep, value_changes
 
 #: The run settings `fedpir simulate` offers as flags (the rest keep their defaults).
 KNOBS: tuple[str, ...] = (
@@ -39,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noinv-warm-start", type=Path,
                    help="warm-start file of the fedpir-noinv ablation, with --warm-start FILE (pretrained with "
                         "--invariance-weight 0)")
+    p.add_argument("--sweep", metavar="KNOB=V1,V2,...",
+                   help="one simulation per value, then sweep.md and sweep.png: sites=1,2,4,8,16 (every site of "
+                        f"--subjects patients, {SWEEP_SITE_SIZE} unless given) or epsilon=1,3,8,{NO_DP}; each run in "
+                        "OUT/KNOB-VALUE")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     add_settings_flags(p.add_argument_group("run settings"), KNOBS, defaults=dict.fromkeys(PRESET_KNOBS))
 
@@ -99,11 +104,43 @@ def _print_gates(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate or take the federation, run every method, write the report."""
+    """One simulation, or with ``--sweep`` one per value and the sweep's report."""
     out = args.out.expanduser().resolve()
+    if not args.sweep:
+        return simulate(args, out)
+    knob, values = parse_sweep(args.sweep)
+    if args.federation:
+        raise ValueError("--sweep generates a federation per value: leave out --federation")
+    if knob == "sites" and args.subjects_per_site is None:  # not given: not the preset's sizes, cycled over K
+        args.subjects_per_site = SWEEP_SITE_SIZE
+    apply_preset(args)
+    runs = {value: _with(args, value_changes(knob, value)) for value in values}
+    for value, value_args in runs.items():  # every value's flags checked before anything runs
+        checked_settings(value_args, out / f"{knob}-{value}")
+    for value, value_args in runs.items():
+        print(f"== {knob} = {value}", flush=True)
+        simulate(value_args, out / f"{knob}-{value}")
+    from fedpir.simulation.report import write_sweep_report
+    from fedpir.simulation.sweep import sweep_rows
+
+    print(f"sweep report: {write_sweep_report(out, knob, sweep_rows(out, knob, values))}")
+    return 0
+
+
+def _with(args: argparse.Namespace, changes: dict) -> argparse.Namespace:
+    """A copy of the flags with ``changes``; a one-site value runs no method that needs several sites."""
+    copy = argparse.Namespace(**{**vars(args), **changes})
+    if changes.get("num_sites") == 1:
+        copy.methods = ",".join(m for m in args.methods.split(",") if m.strip() != "fedpir-dn")
+    return copy
+
+
+def simulate(args: argparse.Namespace, out: Path) -> int:
+    """Generate or take the federation, run every method, write the report."""
     settings, methods = checked_settings(args, out)
     from fedpir.simulation.cross_modal import cross_modal_summary
-    from fedpir.simulation.report import write_report
+    from fedpir.simulation.forecast import site_forecasts
+    from fedpir.simulation.report import FORECAST_OF, write_report
     from fedpir.simulation.runner import method_settings, run_method
     from fedpir.simulation.warm_starts import run_warm_starts
     from fedpir.synthetic.prepare import synthetic_federation
@@ -122,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(methods)}] {method} done in {time.perf_counter() - t0:.0f} s", flush=True)
     print("scoring each site's final model on every single input modality ...", flush=True)
     cross_modal = cross_modal_summary(out, {m: method_settings(m, settings, out / m, noinv) for m in methods})
-    report = write_report(out, methods, settings, cross_modal)
+    forecasts = []
+    if settings.dp and settings.finetune_task == "segmentation" and any(m in methods for m in FORECAST_OF):
+        print("measuring each site's gradient coherence for the DP forecast ...", flush=True)
+        forecasts = site_forecasts(method_settings("fedpir", settings, out / "fedpir", noinv))
+    report = write_report(out, methods, settings, cross_modal, forecasts)
     _print_gates(out)
     print(f"all methods done in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0

@@ -230,16 +230,20 @@ class Forecast:
         return text
 
 
-def forecast(plan: RoundPlan, *, trained_parameters: int, n_patients: int, total_steps: int) -> Forecast:
-    """Noise/signal of DP-SGD over ``total_steps`` steps: sigma * sqrt(d) / (B * sqrt(T)).
+def forecast(plan: RoundPlan, *, trained_parameters: int, n_patients: float, total_steps: int,
+             coherence: float = 1.0) -> Forecast:
+    """Noise/signal of DP-SGD over ``total_steps`` steps: sigma * sqrt(d) / (rho * B * sqrt(T)).
 
-    Per step the clipped mean gradient has norm at most C while the noise added to it has norm
-    about sigma * C * sqrt(d) / B (B = q * n expected patients per draw); over T steps the signal
-    adds up linearly and independent noise as sqrt(T). A ratio well above 1 means that the
-    noise dominates every direction of the update.
+    Per step the clipped mean gradient has norm rho * C (rho = ``coherence``, at most 1: the clipped
+    per-patient gradients all pointing one way) while the noise added to it has norm about
+    sigma * C * sqrt(d) / B (B = q * n expected patients per draw); over T steps the signal adds up
+    linearly and independent noise as sqrt(T). A ratio well above 1 means that the noise dominates
+    every direction of the update.
     """
+    if not 0 < coherence <= 1:
+        raise ValueError(f"coherence must be in (0, 1], got {coherence}")
     batch = plan.sample_rate * n_patients
-    ratio = plan.noise_multiplier * math.sqrt(trained_parameters) / (batch * math.sqrt(max(total_steps, 1)))
+    ratio = plan.noise_multiplier * math.sqrt(trained_parameters) / (coherence * batch * math.sqrt(max(total_steps, 1)))
     return Forecast(trained_parameters, batch, total_steps, plan.noise_multiplier, ratio)
 
 

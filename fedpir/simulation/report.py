@@ -26,6 +26,7 @@ from fedpir.client.site import site_data  # noqa: E402
 from fedpir.privacy.at_rest import load_tensors  # noqa: E402
 from fedpir.run_config import RunSettings  # noqa: E402
 from fedpir.server.rounds import MetricsLog  # noqa: E402
+from fedpir.simulation.forecast import SiteForecast  # noqa: E402
 from fedpir.simulation.gates import Gate, validity_gates, verdict  # noqa: E402
 from fedpir.training.model import build_model  # noqa: E402
 
@@ -170,6 +171,51 @@ def cross_modal_table(cross_modal: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The methods whose learning the forecast speaks of, and the forecast (a SiteForecast field) of each.
+FORECAST_OF: dict[str, str] = {"local": "alone", "fedpir": "fedpir", "fedpir-dn": "distributed"}
+
+
+def forecast_gains(forecasts: list[SiteForecast], summary: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Per site: its forecast, and each forecast method's final held-out Dice minus public-only's at that site."""
+    public = summary.get("public-only", {})
+    rows = []
+    for f in forecasts:
+        gains = {m: summary[m][f.site]["dice"] - public[f.site]["dice"]
+                 for m in FORECAST_OF if m in summary and f.site in summary[m] and f.site in public}
+        rows.append({**asdict(f), "gain": {m: g for m, g in gains.items() if math.isfinite(g)}})
+    return rows
+
+
+def forecast_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: each site's rho and forecast noise/signal ratios beside the Dice its methods gained."""
+    methods = list(FORECAST_OF)
+    lines = ["| site | training patients | rho | R alone | R fedpir | R fedpir-dn | " +
+             " | ".join(f"gain {m}" for m in methods) + " |", "|---" * (6 + len(methods)) + "|"]
+    for r in rows:
+        cells = [_fmt(r["gain"].get(m)) for m in methods]
+        lines.append(f"| {r['site']} | {r['patients']} | {r['rho']:.2f} | {r['alone']:.2f} | {r['fedpir']:.2f} | "
+                     f"{r['distributed']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_forecast(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Each site and method: the Dice gained over public-only against the forecast noise/signal ratio."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, field in FORECAST_OF.items():
+        points = [(r[field], r["gain"][method]) for r in rows if method in r["gain"]]
+        if points:
+            ax.scatter(*zip(*points), label=method)
+    ax.set(xscale="log", xlabel="forecast noise/signal R", ylabel="held-out Dice gained over public-only",
+           title="DP forecast and what was learnt, per site")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def gates_table(gates: list[Gate]) -> str:
     """Markdown table of the validity gates, then the verdict in one sentence."""
     lines = ["| gate | rule | measured | holds |", "|---|---|---|---|"]
@@ -179,17 +225,20 @@ def gates_table(gates: list[Gate]) -> str:
     return "\n".join([*lines, "", verdict(gates)])
 
 
-def write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None = None) -> Path:
+def write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None = None,
+                 forecasts: list[SiteForecast] | None = None) -> Path:
     """Write ``out_dir/report.md`` and its PNGs (and ``summary.json``); returns the report's path.
-    ``cross_modal``: the result of :func:`fedpir.simulation.cross_modal.cross_modal_summary`."""
+    ``cross_modal``: the result of :func:`fedpir.simulation.cross_modal.cross_modal_summary`; ``forecasts``: of
+    :func:`fedpir.simulation.forecast.site_forecasts`."""
     with warnings.catch_warnings():
         # matplotlib calls np.array(x, copy=False) on its own arrays, which NumPy 2 flags as
         # deprecated; it changes nothing in the figures. (Set here: Ray re-enables such warnings.)
         warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
-        return _write_report(Path(out_dir), methods, settings, cross_modal)
+        return _write_report(Path(out_dir), methods, settings, cross_modal, forecasts or [])
 
 
-def _write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None) -> Path:
+def _write_report(out_dir: Path, methods: list[str], settings: RunSettings, cross_modal: dict[str, Any] | None,
+                  forecasts: list[SiteForecast]) -> Path:
     runs = load_runs(out_dir, methods)
     task_key = "dice" if settings.finetune_task == "segmentation" else "accuracy"
     summary = {m: final_by_site(r) for m, r in runs.items()}
@@ -222,12 +271,55 @@ def _write_report(out_dir: Path, methods: list[str], settings: RunSettings, cros
                   "Each site's final model on further patients of that site rendered in every modality "
                   "(`<federation>/eval`), given one modality as its only input. \"Seen\": modalities the site "
                   "trains on; \"unseen\": the others.", "", cross_modal_table(cross_modal), ""]
+    gained = forecast_gains(forecasts, summary) if forecasts and task_key == "dice" else []
+    if gained:
+        lines += ["## DP forecast and what was learnt", "",
+                  "rho: the coherence of a site's clipped per-patient gradients at the warm start (1: all alike); R: "
+                  "the forecast noise/signal ratio of the run's private steps for the site alone, in fedpir (each "
+                  "site adds its noise) and in fedpir-dn (the noise is added once), the last two with the pooled "
+                  "rho; gain: final held-out Dice minus public-only's at the site. R well below 1 forecasts "
+                  "learning; well above, noise.", "", forecast_table(gained), ""]
+        figures.append(("Forecast noise/signal and Dice gained", plot_forecast(gained, out_dir / "forecast.png")))
     for title, path in figures:
         lines += [f"## {title}", "", f"![{title}]({path.name})", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     (out_dir / "summary.json").write_text(json.dumps(
-        {"final": summary, "gates": [asdict(g) for g in gates], "cross_modal": cross_modal or {},
+        {"final": summary, "gates": [asdict(g) for g in gates], "cross_modal": cross_modal or {}, "forecast": gained,
          "settings": settings.to_run_config()},
         indent=1, default=float))
+    return report
+
+
+def write_sweep_report(out_dir: Path, knob: str, rows: list[dict[str, Any]]) -> Path:
+    """``out_dir/sweep.md``, ``sweep.png`` and ``sweep.json`` of a sweep (:mod:`fedpir.simulation.sweep`): mean
+    held-out Dice of each method and the mean forecast noise/signal ratios against the swept value."""
+    methods = list(dict.fromkeys(m for r in rows for m in r["dice"]))
+    forecasts = {"local (alone)": "alone", "fedpir": "fedpir", "fedpir-dn": "distributed"}
+    lines = [f"# fedpir sweep over {knob}", "",
+             "Mean held-out Dice over sites (final round) and the mean forecast noise/signal ratio R of the private "
+             f"steps (report.md of each run: its per-site table); one run per value, in `{knob}-<value>/`.", "",
+             f"| {knob} | " + " | ".join(methods) + " | " + " | ".join(f"R {f}" for f in forecasts) + " |",
+             "|---" * (1 + len(methods) + len(forecasts)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['value']} | " + " | ".join(_fmt(r["dice"].get(m)) for m in methods) + " | "
+                     + " | ".join(_fmt(r["forecast"][field]) for field in forecasts.values()) + " |")
+    x = np.arange(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    for m in methods:
+        left.plot(x, [r["dice"].get(m, np.nan) for r in rows], marker="o", label=m)
+    for label, field in forecasts.items():
+        right.plot(x, [r["forecast"][field] for r in rows], marker="o", label=label)
+    for ax, title in ((left, "held-out lesion Dice"), (right, "forecast noise/signal R")):
+        ax.set(title=title, xlabel=knob, xticks=x, xticklabels=[r["value"] for r in rows])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    right.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out_dir / "sweep.png", dpi=100)
+    plt.close(fig)
+    lines += ["", "![sweep](sweep.png)", ""]
+    (out_dir / "sweep.json").write_text(json.dumps({"knob": knob, "rows": rows}, indent=1, default=float))
+    report = out_dir / "sweep.md"
+    report.write_text("\n".join(lines))
     return report

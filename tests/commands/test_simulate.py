@@ -42,6 +42,9 @@ def test_simulate_writes_a_report_from_the_runs(tmp_path: Path, capsys: pytest.C
     for result in summary["cross_modal"].values():
         assert set(result["sites"]) == {"site-0", "site-1"} and 0 <= result["seen"] <= 1
     assert "Cross-modal generalization" in report
+    # the DP forecast of each site beside what local-only learnt there
+    assert [f["site"] for f in summary["forecast"]] == ["site-0", "site-1"] and "## DP forecast" in report
+    assert all(0 < f["rho"] <= 1 and f["alone"] > 0 and "local" in f["gain"] for f in summary["forecast"])
     # the validity gates, measured from the references, in the report, the summary and the output
     public = sum(final_by_site(records["public-only"])[s]["dice"] for s in ("site-0", "site-1")) / 2
     assert summary["gates"][0]["measured"] == pytest.approx(public)
@@ -54,6 +57,26 @@ def test_simulate_writes_a_report_from_the_runs(tmp_path: Path, capsys: pytest.C
     # the same output folder is not overwritten
     assert main(["simulate", "--out", str(out), "--methods", "local", *TINY]) == 2
     assert "already holds runs of local" in capsys.readouterr().err
+
+
+def test_a_sweep_over_sites_runs_one_simulation_per_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    flags = ["--methods", "local,public-only", "--size", "16", "--finetune-rounds", "1", "--warm-start", "none"]
+    assert main(["simulate", "--out", str(out), "--sweep", "sites=1,2", "--subjects", "4", *flags]) == 0
+    assert "sweep report:" in capsys.readouterr().out
+    for k in (1, 2):
+        summary = json.loads((out / f"sites-{k}" / "summary.json").read_text())
+        assert summary["settings"]["num-sites"] == k and summary["settings"]["subjects-per-site"] == "4"
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["value"] for r in sweep["rows"]] == ["1", "2"] and set(sweep["rows"][1]["dice"]) == {"local", "public-only"}
+    # one site alone: its forecast is the whole federation's
+    assert sweep["rows"][0]["forecast"]["alone"] == pytest.approx(sweep["rows"][0]["forecast"]["distributed"])
+    assert (out / "sweep.png").stat().st_size > 1000 and "| 2 |" in (out / "sweep.md").read_text()
+    for bad, reason in (("magic=1", "KNOB one of sites, epsilon"), ("sites=0", "must be > 0"),
+                        ("epsilon=x", "is not a number (or nodp)")):
+        assert main(["simulate", "--out", str(tmp_path / "no"), "--sweep", bad, *flags]) == 2
+        assert reason in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
 
 
 def test_simulate_rejects_unknown_methods(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
