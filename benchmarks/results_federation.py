@@ -51,7 +51,7 @@ def private_task(r: Results) -> list[str]:
         f"{settings['num-sites']} sites of {settings['subjects-per-site']} patients. Every method under DP runs the "
         f"private phase ({r.link('../architecture.md', 'docs/architecture.md')}, \"The private phase\"): "
         f"{settings['finetune-rounds']} rounds, each one step of plain SGD (lr {settings['lr']:g}) over all of a site's "
-        f"training patients, on the shared lesion probe (`{settings['finetune-trainable']}`, 44 parameters). The "
+        f"training patients, on the shared lesion probe (`{settings['finetune-trainable']}`, 12 parameters). The "
         "no-DP references train every group with Adam for 8 rounds. Commands "
         f"({r.link(f'{PRIVATE_TASK}/COMMANDS.md', 'COMMANDS.md')} says where and how long they ran):", "",
         *code(r.commands(PRIVATE_TASK, "fedpir simulate")), "",

@@ -116,29 +116,29 @@ class PriorFusion(nn.Module):
 
 
 class LesionProbe(nn.Module):
-    """Per-modality linear lesion evidence at input resolution: one weight per input feature and
-    modality, over the calibrated image, the encoder's first-level features and the decoder's
-    residual (image minus its reconstruction from the modality's own X_h), each instance-normalized
-    per patient, so that the weights mean the same at every site and scanner.
+    """Per-modality linear lesion evidence at input resolution from two maps, each instance-normalized per
+    patient so that a weight means the same at every site and scanner: the calibrated image, and the
+    decoder's residual (the image minus its rebuild from the modality's own X_h: what the population-wide
+    decoders cannot explain).
 
-    Its few dozen parameters are what DP-SGD over a federation's patients can learn (noise over
-    signal ~ sigma * sqrt(d) / (rho * n)); a modality's own weights let a lesion be bright in one
-    contrast and dark in another, which an average over modalities would cancel. One Conv3d computes
-    every modality's evidence and the caller keeps its own channel (as :class:`ModalityAdapter`:
-    every weight gets a per-sample gradient under Opacus). Zero-initialised: the evidence is 0 and a
-    model segments with its head alone until a private phase trains the probe.
+    Its 3 parameters per modality are what DP-SGD over a federation's patients can learn (noise over signal
+    ~ sigma * sqrt(d) / (rho * n)); a modality's own weights let a lesion be bright in one contrast and dark
+    in another, which an average over modalities would cancel. One Conv3d computes every modality's evidence
+    and the caller keeps its own channel (as :class:`ModalityAdapter`: every weight gets a per-sample gradient
+    under Opacus). Zero-initialised: the evidence is 0 and a model segments with its head alone until a
+    private phase trains the probe.
     """
 
-    def __init__(self, num_modalities: int, width: int) -> None:
+    def __init__(self, num_modalities: int) -> None:
         super().__init__()
-        self.norm = nn.InstanceNorm3d(width + 2, affine=False)
-        self.linear = nn.Conv3d(width + 2, num_modalities, kernel_size=1)
+        self.norm = nn.InstanceNorm3d(2, affine=False)
+        self.linear = nn.Conv3d(2, num_modalities, kernel_size=1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, image: Tensor, features: Tensor, residual: Tensor, modality: int) -> Tensor:
-        """image, residual [B, 1, D, H, W], features [B, width, D, H, W] -> evidence [B, 1, D, H, W]."""
-        return self.linear(self.norm(torch.cat([image, features, residual], dim=1)))[:, modality : modality + 1]
+    def forward(self, image: Tensor, residual: Tensor, modality: int) -> Tensor:
+        """image, residual [B, 1, D, H, W] -> evidence [B, 1, D, H, W]."""
+        return self.linear(self.norm(torch.cat([image, residual], dim=1)))[:, modality : modality + 1]
 
 
 def upsampling_trunk(widths: Sequence[int]) -> nn.Sequential:
