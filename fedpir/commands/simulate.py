@@ -18,7 +18,8 @@ from fedpir.simulation.sweep import NO_DP, SWEEP_SITE_SIZE, parse_sweep, value_c
 #: The run settings `fedpir simulate` offers as flags (the rest keep their defaults).
 KNOBS: tuple[str, ...] = (
     "seed", "num_sites", "subjects_per_site", "site_lesion", "volume_size", "pretrain_rounds", "finetune_rounds", "local_epochs",
-    "batch_size", "lr", "optimizer", "segment_positive_weight", "finetune_task", "strategy", "dp", "epsilon_budget",
+    "batch_size", "lr", "optimizer", "segment_positive_weight", "max_grad_norm", "finetune_task", "strategy", "dp",
+    "epsilon_budget",
     "secret_noise", "pretrain_trainable",
     "finetune_trainable", "mim", "anatomical", "proximal_mu", "device", "augment_views", "transfer_dtype",
 )

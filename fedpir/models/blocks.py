@@ -116,29 +116,33 @@ class PriorFusion(nn.Module):
 
 
 class LesionProbe(nn.Module):
-    """Per-modality linear lesion evidence at input resolution from two maps, each instance-normalized per
-    patient so that a weight means the same at every site and scanner: the calibrated image, and the
-    decoder's residual (the image minus its rebuild from the modality's own X_h: what the population-wide
-    decoders cannot explain).
+    """Per-modality linear lesion evidence at input resolution from the calibrated image, the encoder's first
+    two levels of features (the second upsampled) and the decoder's residual (the image minus its rebuild from
+    the modality's own X_h: what the population-wide decoders cannot explain), each map instance-normalized
+    per patient so that a weight means the same at every site and scanner.
 
-    Its 3 parameters per modality are what DP-SGD over a federation's patients can learn (noise over signal
-    ~ sigma * sqrt(d) / (rho * n)); a modality's own weights let a lesion be bright in one contrast and dark
-    in another, which an average over modalities would cancel. One Conv3d computes every modality's evidence
-    and the caller keeps its own channel (as :class:`ModalityAdapter`: every weight gets a per-sample gradient
-    under Opacus). Zero-initialised: the evidence is 0 and a model segments with its head alone until a
-    private phase trains the probe.
+    Its few dozen parameters per modality are what DP-SGD over a federation's patients can learn (noise over
+    signal ~ sigma * sqrt(d) / (rho * n)); a modality's own weights let a lesion be bright in one contrast and
+    dark in another, which an average over modalities would cancel. One Conv3d computes every modality's
+    evidence and the caller keeps its own channel (as :class:`ModalityAdapter`: every weight gets a per-sample
+    gradient under Opacus). Zero-initialised: the evidence is 0 and a model segments with its head alone until
+    a private phase trains the probe.
     """
 
-    def __init__(self, num_modalities: int) -> None:
+    def __init__(self, num_modalities: int, widths: Sequence[int]) -> None:
         super().__init__()
-        self.norm = nn.InstanceNorm3d(2, affine=False)
-        self.linear = nn.Conv3d(2, num_modalities, kernel_size=1)
+        inputs = 2 + widths[0] + widths[1]
+        self.norm = nn.InstanceNorm3d(inputs, affine=False)
+        self.linear = nn.Conv3d(inputs, num_modalities, kernel_size=1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, image: Tensor, residual: Tensor, modality: int) -> Tensor:
-        """image, residual [B, 1, D, H, W] -> evidence [B, 1, D, H, W]."""
-        return self.linear(self.norm(torch.cat([image, residual], dim=1)))[:, modality : modality + 1]
+    def forward(self, image: Tensor, levels: Sequence[Tensor], residual: Tensor, modality: int) -> Tensor:
+        """image, residual [B, 1, D, H, W] and the encoder's levels (input resolution first) -> evidence
+        [B, 1, D, H, W]."""
+        second = nn.functional.interpolate(levels[1], size=image.shape[2:], mode="trilinear", align_corners=False)
+        maps = torch.cat([image, levels[0], second, residual], dim=1)
+        return self.linear(self.norm(maps))[:, modality : modality + 1]
 
 
 def upsampling_trunk(widths: Sequence[int]) -> nn.Sequential:

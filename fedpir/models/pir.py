@@ -101,7 +101,7 @@ class PIRNet(nn.Module):
         self.rotation_head = PooledLinearHead(dim, 4)
         self.projection_head = ProjectionHead(dim, cfg.proj_dim)
         self.seg_head = SegmentationHead(widths)
-        self.lesion_probe = LesionProbe(len(cfg.modalities))
+        self.lesion_probe = LesionProbe(len(cfg.modalities), widths)
         self.cls_head = PooledLinearHead(dim, cfg.num_classes)
 
     @property
@@ -134,7 +134,7 @@ class PIRNet(nn.Module):
         x_h = self.fusion(levels[-1])
         with torch.no_grad():  # a feature of the probe, not a path for gradients (nor Opacus hooks) into the decoder
             rebuilt = self.decoder(x_h)[:, m : m + 1]
-        return Encoded(x_h, levels[:-1], self.lesion_probe(calibrated, calibrated - rebuilt, m))
+        return Encoded(x_h, levels[:-1], self.lesion_probe(calibrated, levels, calibrated - rebuilt, m))
 
     def decode(self, x_h: Tensor) -> Tensor:
         """X_h -> every modality of the vocabulary [B, M, D, H, W]."""

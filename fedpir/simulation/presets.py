@@ -21,8 +21,8 @@ HOSPITAL_SIZES = "4,4,5,5,6,6,7,8,8,9,10,10,11,12,13,14,15,16,17,18,20,21,23,25,
 
 #: The private phase of the benchmark presets: the knobs it sets (every DP method runs it; the no-DP references
 #: keep their own recipe, :data:`fedpir.simulation.methods.NODP_RECIPE`).
-PRIVATE_PHASE: dict[str, Any] = {"finetune_trainable": "probe", "optimizer": "sgd", "lr": 3.0, "batch_size": 0,
-                                 "segment_positive_weight": 30.0, "finetune_rounds": 16}
+PRIVATE_PHASE: dict[str, Any] = {"finetune_trainable": "probe", "optimizer": "sgd", "lr": 10.0, "batch_size": 0,
+                                 "segment_positive_weight": 30.0, "max_grad_norm": 0.1, "finetune_rounds": 16}
 
 #: Preset name -> the run-settings knobs it sets (the rest keep their RunSettings defaults), its methods and
 #: its warm start (default: "auto").
@@ -34,4 +34,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 #: The knobs a preset may set, besides the methods and the warm start.
 PRESET_KNOBS: tuple[str, ...] = ("num_sites", "subjects_per_site", "volume_size", "finetune_rounds", "finetune_trainable",
-                                 "optimizer", "lr", "batch_size", "segment_positive_weight")
+                                 "optimizer", "lr", "batch_size", "segment_positive_weight", "max_grad_norm")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: Bumped whenever the generator or the losses change what a recipe builds (cached warm starts are keyed by it).
-RECIPE_VERSION = 5
+RECIPE_VERSION = 6
 
 
 def _step(default: int | float | str, help: str) -> int | float | str:

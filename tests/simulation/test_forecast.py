@@ -40,7 +40,7 @@ def test_site_forecasts_pool_the_patients_as_each_method_does(small_federation: 
     assert noise == pytest.approx([noise[0]] * len(noise))
     sums = [clipped_gradient_sum(settings, f.site) for f in forecasts]
     patients = sum(n for _, n in sums)
-    rho_pool = float(sum(total for total, _ in sums).norm()) / patients
+    rho_pool = float(sum(total for total, _ in sums).norm()) / (patients * settings.max_grad_norm)
     assert forecasts[0].distributed == pytest.approx(noise[0] / (rho_pool * patients), rel=1e-4)
     summary = {"public-only": {f.site: {"dice": 0.1} for f in forecasts},
                "local": {f.site: {"dice": 0.2} for f in forecasts},
