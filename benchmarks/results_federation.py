@@ -50,8 +50,9 @@ def private_task(r: Results) -> list[str]:
         f"T2w and FLAIR), so the public warm start, trained on class A, does not solve their task. "
         f"{settings['num-sites']} sites of {settings['subjects-per-site']} patients. Every method under DP runs the "
         f"private phase ({r.link('../architecture.md', 'docs/architecture.md')}, \"The private phase\"): "
-        f"{settings['finetune-rounds']} rounds, each one step of plain SGD (lr {settings["lr"]:g}, clipping at {settings["max-grad-norm"]:g}) over all of a site's "
-        f"training patients, on the shared lesion probe (`{settings['finetune-trainable']}`, 108 parameters). The "
+        f"{settings['finetune-rounds']} rounds, each one step of plain SGD (lr {settings['lr']:g}, clipping at "
+        f"{settings['max-grad-norm']:g}) over all of a site's training patients, on the shared lesion probe "
+        f"(`{settings['finetune-trainable']}`, 108 parameters). The "
         "no-DP references train every group with Adam for 8 rounds. Commands "
         f"({r.link(f'{PRIVATE_TASK}/COMMANDS.md', 'COMMANDS.md')} says where and how long they ran):", "",
         *code(r.commands(PRIVATE_TASK, "fedpir simulate")), "",
