@@ -23,6 +23,7 @@ import torch
 from fedpir.client.site import site_data
 from fedpir.models.groups import objective_for, trainable_groups
 from fedpir.models.losses import finetune_losses
+from fedpir.models.pir import PIRNet
 from fedpir.privacy.dp import collate_patients, default_delta, dp_config_for, forecast, plan_round
 from fedpir.run_config import RunSettings
 from fedpir.simulation.runner import site_names
@@ -41,10 +42,11 @@ class SiteForecast:
     distributed: float
 
 
-def clipped_gradient_sum(settings: RunSettings, site: str) -> tuple[torch.Tensor, int]:
-    """Sum over a site's training patients of their clipped gradients of the fine-tuning loss at the warm start,
-    on the groups the run trains (no augmentation), and how many patients."""
-    model = build_model(settings)
+def clipped_gradient_sum(settings: RunSettings, site: str, model: PIRNet | None = None) -> tuple[torch.Tensor, int]:
+    """Sum over a site's training patients of their clipped gradients of the fine-tuning loss at the warm start
+    (``model``, left unchanged; default: built from ``settings``), on the groups the run trains (no augmentation),
+    and how many patients."""
+    model = model or build_model(settings)
     objective = objective_for("finetune", settings.finetune_task)
     names = model.set_trainable(objective, trainable_groups(settings.finetune_trainable))
     params = [p for n, p in model.named_parameters() if n in set(names)]
@@ -60,7 +62,8 @@ def clipped_gradient_sum(settings: RunSettings, site: str) -> tuple[torch.Tensor
 
 def site_forecasts(settings: RunSettings) -> list[SiteForecast]:
     """Every site's rho and forecast ratios under ``settings``' private fine-tuning (DP on)."""
-    sums = {site: clipped_gradient_sum(settings, site) for site in site_names(settings)}
+    warm = build_model(settings)  # one warm start for every site: the measurement never steps it
+    sums = {site: clipped_gradient_sum(settings, site, warm) for site in site_names(settings)}
     d = next(iter(sums.values()))[0].numel()
     rounds = settings.finetune_rounds
     plans = {site: plan_round(dp_config_for(settings), n_patients=n, batch_size=settings.batch_size or n,
