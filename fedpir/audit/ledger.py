@@ -20,7 +20,9 @@ in the file) it checks the rules:
   the sites' updates; see :mod:`fedpir.privacy.secure_aggregation`).
 
 The accounting is recomputed here from the entries alone, not with the site's own code path
-(:class:`fedpir.privacy.budget.PrivacyBudget`).
+(:class:`fedpir.privacy.budget.PrivacyBudget`). Given the site's policy (or every policy it has had),
+each entry is also checked against it, mechanisms recomputed from the policy
+(:mod:`fedpir.audit.conformance`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from opacus.accountants import create_accountant
 
+from fedpir.audit.conformance import policy_problems
+from fedpir.privacy.policy import SitePolicy
 from fedpir.privacy.secure_aggregation import DISTRIBUTED_DP, LOCAL_DP, guarantee_of
 from fedpir.privacy.signing import GENESIS, check_entry, entry_hash
 
@@ -71,6 +76,8 @@ class AuditResult:
     delta: float | None = None
     last_hash: str = GENESIS
     failures: list[Failure] = field(default_factory=list)
+    #: SHA-256 of the policies the entries were checked against (none: the ledger rules only).
+    policies: list[str] = field(default_factory=list)
     #: (line, epsilon recomputed, epsilon budget) of each private entry, for reports.
     rounds: list[tuple[int, float, float]] = field(default_factory=list)
 
@@ -93,8 +100,10 @@ class AuditResult:
                  else "no private rounds")
         warn = (f"; {self.non_private_rounds} non-private round(s): epsilon inf, no DP guarantee for the site's "
                 "releases" if self.non_private_rounds else "")
-        return (f"{self.ledger}: {verdict}: {self.entries} entries, {self.private_rounds} private; {spent}{warn}; "
-                f"last hash {self.last_hash}")
+        against = (f"; checked against policy {', '.join(h[:12] for h in self.policies)}" if self.policies
+                   else "; no policy given (--policy): the ledger's own accounting only")
+        return (f"{self.ledger}: {verdict}: {self.entries} entries, {self.private_rounds} private; {spent}{warn}"
+                f"{against}; last hash {self.last_hash}")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of the result."""
@@ -102,7 +111,7 @@ class AuditResult:
                 "non_private_rounds": self.non_private_rounds, "epsilon": self.epsilon,
                 "epsilon_guarantee": "inf" if self.non_private_rounds else self.epsilon,
                 "epsilon_budget": self.epsilon_budget, "delta": self.delta, "last_hash": self.last_hash,
-                "failures": [vars(f) for f in self.failures]}
+                "policies": self.policies, "failures": [vars(f) for f in self.failures]}
 
 
 def _composed(history: list[tuple[float, float, int]], sigma: float, rate: float, steps: int) -> list[tuple[float, float, int]]:
@@ -177,11 +186,14 @@ def _check_private(number: int, entry: dict[str, Any], state: dict[str, Any], re
     result.rounds.append((number, epsilon, budget))
 
 
-def verify_ledger(path: Path | str, public_key: Ed25519PublicKey) -> AuditResult:
-    """Check every rule at every entry of the ledger at ``path``; OSError if it cannot be read."""
+def verify_ledger(path: Path | str, public_key: Ed25519PublicKey,
+                  policies: Sequence[SitePolicy] = ()) -> AuditResult:
+    """Check every rule at every entry of the ledger at ``path`` (and, given the site's ``policies``,
+    every policy rule of :mod:`fedpir.audit.conformance`); OSError if it cannot be read."""
     path = Path(path)
     text = path.read_text()
-    result = AuditResult(ledger=str(path))
+    result = AuditResult(ledger=str(path), policies=[p.sha256 for p in policies])
+    read: list[tuple[int, dict[str, Any]]] = []
     state: dict[str, Any] = {"history": [], "delta": None, "budget": None}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -200,8 +212,12 @@ def verify_ledger(path: Path | str, public_key: Ed25519PublicKey) -> AuditResult
         for rule, detail in check_entry(entry, result.last_hash, public_key):
             result.failures.append(Failure(number, rule, detail))
         result.last_hash = entry_hash(entry)
+        read.append((number, entry))
         if entry.get("dp"):
             _check_private(number, entry, state, result)
         else:
             result.non_private_rounds += 1
+    if policies:
+        result.failures += [Failure(*problem) for problem in policy_problems(read, policies)]
+        result.failures.sort(key=lambda f: f.entry)
     return result

@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message
 
 from fedpir.client.site import Site, SiteDataError
 from fedpir.privacy.budget import BudgetExceededError, LedgerError, PrivacyLedger
-from fedpir.privacy.policy import PolicyViolation, SitePolicy, bind_budget, check_lifetime_rounds, check_plan
+from fedpir.privacy.policy import PolicyViolation, SitePolicy, bind_budget, check_plan, check_round_limits
 from fedpir.privacy.release import EvaluationAllowance, training_entries
 from fedpir.run_config import RunSettings
 from fedpir.training.trainer import LocalTrainer
@@ -92,9 +92,9 @@ def admit_training(policy: SitePolicy, site: Site, epochs: int) -> None:
 
 def check_round(policy: SitePolicy, trainer: LocalTrainer, settings: RunSettings, epochs: int) -> None:
     """Raise :class:`PolicyViolation` unless ``trainer`` may train one more round of ``epochs`` epochs:
-    the site's lifetime rounds, then the round's resolved DP figures (also `fedpir train` on a node's
-    state folder)."""
-    check_lifetime_rounds(policy, len(training_entries(trainer.ledger.entries)))
+    the site's rounds in its life and in the last 24 hours, then the round's resolved DP figures (also
+    `fedpir train` on a node's state folder)."""
+    check_round_limits(policy, training_entries(trainer.ledger.entries))
     if trainer.budget is not None:
         check_plan(policy, settings, budget=trainer.budget.epsilon_budget, delta=trainer.delta,
                    noise_multiplier=trainer.plan(epochs).noise_multiplier)

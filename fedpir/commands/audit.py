@@ -1,13 +1,16 @@
 """`fedpir audit`: an auditor's check of a site's privacy ledger, with the site's public key only.
 
-    fedpir audit verify LEDGER --public-key KEY [--json]
+    fedpir audit verify LEDGER --public-key KEY [--policy FILE ...] [--json]
     fedpir audit report [LEDGER...] --out DIR [--public-key KEY...] [--attack FILE]
     fedpir audit attack --out FILE [--epsilons inf,1] [--seeds 3] ...
 
 Prints one line per failure (``LEDGER: entry N: RULE: detail``, N the 1-based line of the entry; the
 rules are listed in :mod:`fedpir.audit.ledger`) and a final summary line with epsilon spent of the
 budget and the hash of the last entry (keep it: a later audit whose ledger no longer contains it
-shows that entries were cut off). ``--json`` prints one JSON object instead.
+shows that entries were cut off). With ``--policy`` (the site's privacy-policy file; repeat it for each
+policy the site has had) every entry is also checked against the policy it was made under, each
+release's mechanism recomputed from the policy (rules in :mod:`fedpir.audit.conformance`). ``--json``
+prints one JSON object instead.
 
 ``report`` writes ``DIR/audit_report.md`` with a plot of epsilon per private round per site and the
 budget left (see :mod:`fedpir.audit.report`); with one public key per ledger it verifies them first,
@@ -35,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument("ledger", type=Path, metavar="LEDGER", help="the site's privacy_ledger.jsonl")
     verify.add_argument("--public-key", type=Path, required=True, metavar="KEY",
                         help="the site's ledger public key (ledger_signing.pub: PEM, or 32 raw bytes)")
+    verify.add_argument("--policy", type=Path, action="append", default=[], metavar="FILE",
+                        help="the site's privacy-policy file (repeat for each policy it has had): check every entry "
+                             "against it, mechanisms recomputed from the policy")
     verify.add_argument("--json", action="store_true", help="one JSON object instead of lines")
     report = sub.add_parser("report", help="a Markdown page: epsilon per round per site, budget left")
     report.add_argument("ledgers", type=Path, nargs="*", metavar="LEDGER",
@@ -71,11 +77,13 @@ def run(args: argparse.Namespace) -> int:
     """Run `fedpir audit ACTION`; returns the exit code."""
     if args.action == "verify":
         from fedpir.audit.ledger import verify_ledger
+        from fedpir.privacy.policy import load_policy
         from fedpir.privacy.signing import load_public_key
 
         if not args.ledger.is_file():
             raise OSError(f"ledger {args.ledger} is not a file")
-        result = verify_ledger(args.ledger, load_public_key(args.public_key))
+        policies = [load_policy(path) for path in args.policy]
+        result = verify_ledger(args.ledger, load_public_key(args.public_key), policies)
         if args.json:
             print(json.dumps(result.to_json(), indent=1))
         else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -77,6 +78,11 @@ class SitePolicy:
             many), and the rounds over which it plans its DP noise whatever the server's round
             count, so that neither a huge round count nor a huge fixed noise can make rounds (and
             the evaluations they unlock) nearly free. None (research policy only): the run's rounds.
+        max_rounds_per_day: the most training rounds in any 24 hours (counted from the ledger's
+            signed timestamps), so that a site's life, and the evaluations each round unlocks (at most
+            this many x ``evaluations_per_round`` a day), cannot be spent in one burst. A round past it
+            is refused (the run goes on without the site) and can be trained once the window has moved.
+            None: no daily limit (research policy).
         key_policies: the key policies (which weights leave) the site accepts; ``fedpir`` is
             shared-only.
         secret_noise_required: the noise must be drawn from the OS's entropy, never from the seed.
@@ -109,6 +115,7 @@ class SitePolicy:
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.5
     max_rounds: int | None = 32
+    max_rounds_per_day: int | None = 32
     key_policies: tuple[str, ...] = ("fedpir",)
     secret_noise_required: bool = True
     evaluations_per_round: int = 1
@@ -130,8 +137,9 @@ class SitePolicy:
             raise ValueError(f"privacy policy: distributed-noise-sites must be >= 0, got {self.distributed_noise_sites}")
         if self.min_own_noise_multiplier < 0:
             raise ValueError(f"privacy policy: min-own-noise-multiplier must be >= 0, got {self.min_own_noise_multiplier}")
-        if self.max_rounds is not None and self.max_rounds < 1:
-            raise ValueError(f"privacy policy: max-rounds must be >= 1, got {self.max_rounds}")
+        for name, rounds in (("max-rounds", self.max_rounds), ("max-rounds-per-day", self.max_rounds_per_day)):
+            if rounds is not None and rounds < 1:
+                raise ValueError(f"privacy policy: {name} must be >= 1, got {rounds}")
         if self.evaluations_per_round < 0 or self.min_release_patients < 0:
             raise ValueError("privacy policy: evaluations-per-round and min-release-patients must be >= 0, got "
                              f"{self.evaluations_per_round} and {self.min_release_patients}")
@@ -173,6 +181,7 @@ DEFAULT_POLICY = SitePolicy()
 #: For simulated sites whose (synthetic) data the researcher owns: anything the run asks, metrics exact.
 #: Never for a hospital: only nodes of the simulation engine get it (see policy_of_node).
 RESEARCH_POLICY = SitePolicy(dp_required=False, max_epsilon=None, max_delta=0.5, min_noise_multiplier=0.0, max_rounds=None,
+                             max_rounds_per_day=None,
                              key_policies=KEY_POLICIES, secret_noise_required=False, evaluations_per_round=1_000_000,
                              min_release_patients=0,
                              distributed_noise_sites=None, min_own_noise_multiplier=0.0,
@@ -266,10 +275,21 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> None:
         raise PolicyViolation("max-epsilon", f"epsilon budget {settings.epsilon_budget:g} > {policy.max_epsilon:g}")
 
 
-def check_lifetime_rounds(policy: SitePolicy, rounds_done: int) -> None:
-    """Raise :class:`PolicyViolation` once the site has trained the rounds its policy allows in its life."""
-    if policy.max_rounds is not None and rounds_done >= policy.max_rounds:
+#: The window of ``max-rounds-per-day``, in seconds.
+DAY_SECONDS = 86_400.0
+
+
+def check_round_limits(policy: SitePolicy, trained: list[dict[str, Any]], now: float | None = None) -> None:
+    """Raise :class:`PolicyViolation` once the site has trained (``trained``: its ledger's training
+    entries) the rounds its policy allows in its life, or in the 24 hours before ``now`` (default: the clock)."""
+    if policy.max_rounds is not None and len(trained) >= policy.max_rounds:
         raise PolicyViolation("max-rounds", f"the site has trained the {policy.max_rounds} rounds its policy allows")
+    if policy.max_rounds_per_day is not None:
+        now = time.time() if now is None else now
+        recent = sum(1 for e in trained if now - float(e.get("timestamp", 0.0)) < DAY_SECONDS)
+        if recent >= policy.max_rounds_per_day:
+            raise PolicyViolation("max-rounds-per-day", f"the site has trained {recent} rounds in the last 24 hours, "
+                                                        f"its policy's limit {policy.max_rounds_per_day}")
 
 
 def check_plan(policy: SitePolicy, settings: RunSettings, *, budget: float, delta: float | None,

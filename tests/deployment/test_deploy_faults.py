@@ -1,6 +1,9 @@
 """Faults on a real loopback deployment (TLS, SuperNode authentication; ``tests/deploy_harness.py``):
 the SuperLink (with its ServerApp) killed mid-run and restarted, a SuperNode killed mid-run and
-restarted, a SuperNode that cannot read its data folder.
+restarted, a SuperNode that cannot read its data folder. Every hospital runs the default privacy
+settings (no policy file: the default policy; the run config's budget, noise planned by the site), as
+a hospital would: an interrupted run must still finish, and each ledger's epsilon must equal an
+independent recomputation.
 
 Every message starts a ClientApp process, so a run costs tens of seconds per round; to stay within a
 few minutes the faults share runs. One deployment, tests in file order: run 1 is interrupted by the
@@ -24,12 +27,6 @@ from fedpir.wire.protocol import DATA_UNAVAILABLE, SITE_ERRORS
 HOSPITALS = ("st-anna", "city-general")  # serve site-0 and site-1
 UNREADABLE = "north-clinic"  # serves site-2, a folder of mode 000 (its node runs without root's override)
 VICTIM = HOSPITALS[1]
-#: Every run of this module: a fixed noise and a budget that several runs at one site cannot exhaust
-#: (the default noise spends the whole budget in one run; a restarted site would then refuse to train).
-FAULT_CONFIG = {"noise-multiplier": "2.0", "epsilon-budget": "1000"}
-#: The hospitals' own privacy policy that allows that budget (the default policy caps epsilon at 8).
-FAULT_POLICY = "max-epsilon = 1000.0\n"
-
 pytestmark = [pytest.mark.timeout(900), pytest.mark.deploy]
 RUN1 = "run-interrupted"
 
@@ -48,8 +45,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
     dep.app, dep.nodes = copy_app(root / "app"), {}
     fab_hash = approval.fab_hash_of_app(dep.app)
     dep.write_guard()
-    policy = root / "privacy-policy.toml"
-    policy.write_text(FAULT_POLICY)
     unreadable.chmod(0)
     try:
         dep.superlink = dep.start_superlink()
@@ -57,7 +52,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
             provision.add_hospital(fed, hospital)
             dep.register(hospital)
             approval.approve(root / "approved" / f"{hospital}.txt", fab_hash)
-            cmd = dep.supernode_command(hospital, data / f"site-{i}", privacy_policy=policy)
+            cmd = dep.supernode_command(hospital, data / f"site-{i}")
             dep.nodes[hospital] = dep.start(hospital, without_root_override(cmd) if hospital == UNREADABLE else cmd)
         dep.wait_online(set(dep.node_ids.values()))
         yield dep
@@ -71,8 +66,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _start_run(dep: LoopbackDeployment, name: str, run_dir: Path, **overrides: str) -> Proc:
-    """``flwr run`` (:data:`FAULT_CONFIG`, ``overrides``) into ``run_dir``, as a process named ``name``."""
-    return dep.start(name, ["flwr", *dep.run_args(dep.app, run_dir, **FAULT_CONFIG, **overrides)])
+    """``flwr run`` (the harness's run config and ``overrides``) into ``run_dir``, as a process named ``name``."""
+    return dep.start(name, ["flwr", *dep.run_args(dep.app, run_dir, **overrides)])
 
 
 def _state_files(dep: LoopbackDeployment, hospital: str) -> dict[str, bytes]:
@@ -161,3 +156,29 @@ def test_the_killed_node_restarts_rejoins_and_trains_on_from_its_state(deploymen
     assert ledger[:len(before)] == before and len(ledger) == len(before) + 1
     assert ledger[-1]["epsilon"] > before[-1]["epsilon"]
     assert _state_files(dep, VICTIM)["local_state.pt"] != dep.victim_state["local_state.pt"]
+
+
+def test_after_the_faults_each_ledger_is_the_default_policys_and_its_epsilon_recomputes(
+        deployment: LoopbackDeployment) -> None:
+    """Reads the ledgers the runs above left: every round under the default policy, and the epsilon the
+    site recorded equal to a fresh Opacus accountant of the recorded kind (PRV by default) stepped
+    through the rounds one by one."""
+    from opacus.accountants import create_accountant
+
+    from fedpir.audit.ledger import verify_ledger
+    from fedpir.privacy.policy import DEFAULT_POLICY
+    from fedpir.privacy.signing import PUBLIC_KEY_NAME, load_public_key
+
+    dep = deployment
+    for hospital in HOSPITALS:
+        state = dep.root / "state" / hospital
+        result = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME), [DEFAULT_POLICY])
+        assert result.ok, [f.line(hospital) for f in result.failures]
+        entries = _ledger(dep, hospital)
+        assert entries and all(e["dp"] and e["secret_noise"] and e["epsilon_budget"] == 8.0 for e in entries)
+        accountant = create_accountant(entries[-1]["accountant"])
+        for entry in entries:
+            for _ in range(entry["steps"]):
+                accountant.step(noise_multiplier=entry["noise_multiplier"], sample_rate=entry["sample_rate"])
+        assert entries[-1]["epsilon"] == pytest.approx(accountant.get_epsilon(delta=entries[-1]["delta"]), rel=1e-6)
+        assert entries[-1]["epsilon"] < 8.0, "the plan over the policy's max-rounds kept headroom for the repeats"

@@ -15,6 +15,7 @@ from deploy_harness import CONNECTION, LoopbackDeployment, copy_app, run_exit
 
 from fedpir.commands import main
 from fedpir.deployment import approval, provision
+from fedpir.privacy.release import spec_of
 
 HOSPITALS = ("st-anna", "city-general")
 
@@ -79,6 +80,12 @@ def test_federated_run_over_tls_with_authenticated_nodes(deployment: LoopbackDep
         trained = {r["site"] for r in rows if r["kind"] == "train" and r["stage"] == stage}
         assert trained == set(HOSPITALS), (stage, rows)
     assert not [r for r in rows if r["kind"].endswith("-error")]
+    # hospitals of 4 patients under the default policy: fewer held-out patients than min-release-patients,
+    # so no reply carries a patient-derived metric, only public facts (patients counted, epsilon, ...)
+    replies = [r for r in rows if r["kind"] in ("train", "evaluate")]
+    assert {r["site"] for r in replies if r["kind"] == "evaluate"} == set(HOSPITALS), rows
+    leaked = {k for r in replies for k in r["metrics"] if (spec := spec_of(k)) is None or spec.patient}
+    assert not leaked, leaked
     assert (run_dir / "global_model.pt").stat().st_size > 0
     for hospital in HOSPITALS:
         entries = entries_of(dep, hospital)

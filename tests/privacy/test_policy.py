@@ -21,7 +21,15 @@ from fedpir.client.client_app import make_client_app
 from fedpir.client.site import Site
 from fedpir.commands import main
 from fedpir.privacy.budget import LEDGER_NAME
-from fedpir.privacy.policy import DEFAULT_POLICY, PolicyViolation, SitePolicy, load_policy, policy_of_node
+from fedpir.privacy.policy import (
+    DAY_SECONDS,
+    DEFAULT_POLICY,
+    PolicyViolation,
+    SitePolicy,
+    check_round_limits,
+    load_policy,
+    policy_of_node,
+)
 from fedpir.privacy.release import RELEASE_OBJECTIVE, release
 from fedpir.privacy.signing import PUBLIC_KEY_NAME, load_public_key
 from fedpir.run_config import RunSettings
@@ -184,6 +192,22 @@ def test_the_budget_is_bound_to_the_ledger_and_only_lowers(tmp_path: Path, site_
     assert "entry 2 breaks the signature rule" in capsys.readouterr().err
 
 
+def test_the_policy_bounds_rounds_per_day_in_every_process(tmp_path: Path, site_dir: Path) -> None:
+    state, policy = tmp_path / "state", write_policy(tmp_path / "policy.toml", **{"max-rounds-per-day": 1})
+    settings = settings_for(tmp_path)
+    assert not send("train", settings, site_dir, state, policy, rnd=1).has_error()
+    client_app._SITES.clear()  # a deployed node starts a new process per task
+    reply = send("train", settings, site_dir, state, policy, rnd=2)
+    assert_refused(reply, POLICY_REFUSED)
+    assert "rule max-rounds-per-day" in reply.error.reason
+    entries = [json.loads(line) for line in (state / LEDGER_NAME).read_text().splitlines()]
+    assert len(entries) == 1, "the refused round spent nothing"
+    # the window is the ledger's signed timestamps: a day later the site trains again
+    check_round_limits(load_policy(policy), entries, now=entries[0]["timestamp"] + DAY_SECONDS)
+    with pytest.raises(PolicyViolation):
+        check_round_limits(load_policy(policy), entries, now=entries[0]["timestamp"] + DAY_SECONDS - 60)
+
+
 def test_a_missing_or_edited_ledger_stops_training(tmp_path: Path, site_dir: Path) -> None:
     state, ledger = tmp_path / "state", tmp_path / "state" / LEDGER_NAME
     settings = settings_for(tmp_path)
@@ -298,8 +322,11 @@ def test_noised_metrics_are_paid_for_in_the_ledger(tmp_path: Path, site_dir: Pat
     state = tmp_path / "state"
     entries = [json.loads(line) for line in (state / LEDGER_NAME).read_text().splitlines()]
     assert [(e["objective"], e["steps"], e["sample_rate"]) for e in entries] == [(RELEASE_OBJECTIVE, 2, 1.0)] * 3
-    result = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME))
+    result = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME), [load_policy(policy)])
     assert result.ok and result.epsilon is not None and result.epsilon > 0, [f.line("l") for f in result.failures]
+    # the auditor holding another policy than the one the site ran sees it at every entry
+    other = verify_ledger(state / LEDGER_NAME, load_public_key(state / PUBLIC_KEY_NAME), [DEFAULT_POLICY])
+    assert {(f.entry, f.rule) for f in other.failures} == {(n, "policy-hash") for n in (1, 2, 3)}
 
 
 def test_the_sites_policy_not_the_server_sets_its_share_of_distributed_noise(tmp_path: Path, site_dir: Path) -> None:
