@@ -58,6 +58,8 @@ class RunSettings:
                                   flag="--subjects")
     site_lesion: str = knob("B", "lesion class of the synthetic sites: B, a private target that no public scan holds; A, the "
                                  "public corpus's own (a task the warm start has already learnt)", choices=LESION_CLASS_NAMES)
+    heterogeneity: float = knob(1.0, "how far the synthetic sites' scanners differ (protocol, noise, bias field, gain, slice "
+                                     "thickness), 0 (one shared scanner) to 1")
     volume_size: int = knob(24, "model grid edge in voxels (volumes are resampled to it)", flag="--size")
     modalities: str = knob("t1,t2,flair,pd", "the federation's modality vocabulary, in model channel order")
     pretrain_rounds: int = knob(0, "private pretraining rounds (the public warm start is the pretraining)")
@@ -121,6 +123,8 @@ class RunSettings:
             raise ValueError(f"volume-size must be in [{MIN_VOLUME_SIZE}, {MAX_VOLUME_SIZE}] voxels, got {self.volume_size}")
         if self.batch_size < 0 or self.lr <= 0 or self.segment_positive_weight < 0:
             raise ValueError("batch-size must be >= 0 (0: the whole site), lr > 0 and segment-positive-weight >= 0")
+        if not 0.0 <= self.heterogeneity <= 1.0:
+            raise ValueError(f"heterogeneity must be in [0, 1], got {self.heterogeneity}")
         if self.dp_rounds < 0:
             raise ValueError(f"dp-rounds must be >= 0, got {self.dp_rounds}")
         if self.proximal_mu < 0:

@@ -17,7 +17,8 @@ from fedpir.simulation.sweep import NO_DP, SWEEP_SITE_SIZE, parse_sweep, value_c
 
 #: The run settings `fedpir simulate` offers as flags (the rest keep their defaults).
 KNOBS: tuple[str, ...] = (
-    "seed", "num_sites", "subjects_per_site", "site_lesion", "volume_size", "pretrain_rounds", "finetune_rounds", "local_epochs",
+    "seed", "num_sites", "subjects_per_site", "site_lesion", "heterogeneity", "volume_size", "pretrain_rounds",
+    "finetune_rounds", "local_epochs",
     "batch_size", "lr", "optimizer", "segment_positive_weight", "max_grad_norm", "finetune_task", "strategy", "dp",
     "epsilon_budget",
     "secret_noise", "pretrain_trainable",
@@ -43,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--invariance-weight 0)")
     p.add_argument("--sweep", metavar="KNOB=V1,V2,...",
                    help="one simulation per value, then sweep.md and sweep.png: sites=1,2,4,8,16 (every site of "
-                        f"--subjects patients, {SWEEP_SITE_SIZE} unless given) or epsilon=1,3,8,{NO_DP}; each run in "
-                        "OUT/KNOB-VALUE")
+                        f"--subjects patients, {SWEEP_SITE_SIZE} unless given), epsilon=1,3,8,{NO_DP} or h=0,0.5,1 "
+                        "(--heterogeneity); each run in OUT/KNOB-VALUE")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     add_settings_flags(p.add_argument_group("run settings"), KNOBS, defaults=dict.fromkeys(PRESET_KNOBS))
 

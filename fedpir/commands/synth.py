@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--homogeneous", action="store_true",
                    help="every site acquires every modality (default: per-site subsets)")
     add_settings_flags(p.add_argument_group("run settings (the federation `fedpir simulate` generates by default)"),
-                       ("num_sites", "subjects_per_site", "site_lesion", "seed"))
+                       ("num_sites", "subjects_per_site", "site_lesion", "heterogeneity", "seed"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     subsets = [list(MODALITIES)] * args.num_sites if args.homogeneous else None
     out = generate_federation(args.out, n_sites=args.num_sites, subjects_per_site=sizes, shape=shape, seed=args.seed,
                               anatomy=args.anatomy, modality_subsets=subsets, progress=True,
-                              lesion_class=args.site_lesion)
+                              lesion_class=args.site_lesion, heterogeneity=args.heterogeneity)
     meta = json.loads((out / FEDERATION_FILE).read_text())
     print(f"wrote {meta['anatomy']} federation to {out}: {args.num_sites} sites of {args.subjects_per_site} subjects, "
           f"{'x'.join(map(str, meta['shape']))} voxels of {meta['spacing_mm']:.2f} mm, "

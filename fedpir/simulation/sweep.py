@@ -5,6 +5,8 @@ held-out Dice and of the DP forecast against the value (names and parsing here; 
              the federation, beside the forecast noise/signal ratio, which falls as 1/sqrt(K) under fedpir's
              own noise and as 1/K under distributed noise
     epsilon  each site's budget; "nodp" runs without differential privacy
+    h        the heterogeneity of the sites' scanners, in [0, 1] (0: one shared scanner): where personalization
+             (fedpir's site-local layers) should pay over plain FedAvg, and where it should not
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 #: Sweepable knob -> the run setting it sets.
-SWEEPS: dict[str, str] = {"sites": "num_sites", "epsilon": "epsilon_budget"}
+SWEEPS: dict[str, str] = {"sites": "num_sites", "epsilon": "epsilon_budget", "h": "heterogeneity"}
 #: The patients of every site in a sweep over sites, unless --subjects says otherwise.
 SWEEP_SITE_SIZE = "10"
 #: The value of an epsilon sweep that turns DP off.
@@ -36,7 +38,9 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
         except ValueError:
             raise ValueError(f"--sweep {spec!r}: {v!r} is not a {'whole number' if knob == 'sites' else 'number'}"
                              + (f" (or {NO_DP})" if knob == "epsilon" else "")) from None
-        if number <= 0:
+        if knob == "h" and not 0 <= number <= 1:
+            raise ValueError(f"--sweep {spec!r}: heterogeneity values must be in [0, 1]")
+        if knob != "h" and number <= 0:
             raise ValueError(f"--sweep {spec!r}: values must be > 0")
     return knob, values
 
@@ -45,6 +49,8 @@ def value_changes(knob: str, value: str) -> dict[str, Any]:
     """The run-setting changes of one value of a sweep."""
     if knob == "epsilon":
         return {"dp": False} if value == NO_DP else {"epsilon_budget": float(value)}
+    if knob == "h":
+        return {"heterogeneity": float(value)}
     return {"num_sites": int(value)}
 
 

@@ -155,6 +155,7 @@ def generate_federation(
     progress: bool = False,
     report_brain_volume: bool = False,
     lesion_class: str = "A",
+    heterogeneity: float = 1.0,
 ) -> Path:
     """Simulate ``n_sites`` hospitals of ``subjects_per_site`` patients each (a list: the sizes of the
     sites, cycled; see :func:`fedpir.run_config.site_sizes`) and write them under ``out_dir``.
@@ -170,7 +171,8 @@ def generate_federation(
     also state whether the brain volume is reduced (``fedpir.synthetic.report_text``; off by
     default, which keeps the reports of earlier versions). ``lesion_class``: the sites' lesions, a
     key of ``phantoms.LESION_CLASSES``: "A" (the class public data holds) or "B" (the private
-    target that `fedpir simulate` uses). Returns ``out_dir``.
+    target that `fedpir simulate` uses). ``heterogeneity`` in [0, 1]: how far the sites' scanners differ
+    (:func:`fedpir.synthetic.scanners.make_scanners`; 0: one shared scanner). Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     sizes = site_sizes(subjects_per_site, n_sites)
@@ -181,7 +183,7 @@ def generate_federation(
     grid = Grid.covering_brain(tuple(shape))  # type: ignore[arg-type]
     if modality_subsets is None:
         modality_subsets = [list(DEFAULT_SUBSETS[s % len(DEFAULT_SUBSETS)]) for s in range(n_sites)]
-    scanners = make_scanners(n_sites, check_subsets(modality_subsets, n_sites), seed)
+    scanners = make_scanners(n_sites, check_subsets(modality_subsets, n_sites), seed, heterogeneity)
     body = make_anatomy(anatomy, grid)
     template_parenchyma = _parenchyma(body.fractions(grid.world_coordinates())) if report_brain_volume else None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +207,7 @@ def generate_federation(
     meta = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
+        "heterogeneity": heterogeneity,
         "shape": list(grid.shape),
         "spacing_mm": grid.spacing,
         "affine": np.round(grid.affine, 6).tolist(),

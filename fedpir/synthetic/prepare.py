@@ -28,6 +28,7 @@ class FederationSpec(Protocol):
     volume_size: int
     seed: int
     site_lesion: str
+    heterogeneity: float
 
 
 def synthetic_federation(settings: FederationSpec, eval_subjects: int = EVAL_SUBJECTS) -> Path:
@@ -49,6 +50,7 @@ def synthetic_federation(settings: FederationSpec, eval_subjects: int = EVAL_SUB
             size = settings.volume_size
             generate_federation(partial, n_sites=settings.num_sites, subjects_per_site=settings.site_sizes,
                                 shape=(size, size, size), seed=settings.seed, eval_subjects=eval_subjects,
-                                progress=True, lesion_class=settings.site_lesion)
+                                progress=True, lesion_class=settings.site_lesion,
+                                heterogeneity=settings.heterogeneity)
             partial.rename(path)
     return path

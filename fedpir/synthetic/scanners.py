@@ -11,6 +11,12 @@ site) so any model loads any site; the lost through-plane detail is the site eff
 different spacing into the affine instead would make every loader resample, and is not done.
 Thickness is in mm, a property of the scanner, so its effect shrinks on coarse grids.
 
+Heterogeneity ``h`` in [0, 1] (:func:`make_scanners`) scales how far the sites' scanners differ: protocol
+jitter, noise level, bias-field strength, receiver gain (in log) and slice thickness are drawn as at
+h = 1 and pulled towards one shared scanner (the standard protocols, mid-range noise, no bias field,
+gain 1000, thin slices) by the factor h; h = 0 gives every site the same scanner. The same draws are
+made at every h, so a sweep over h changes only how far apart the sites are.
+
 Default modality subsets (heterogeneous setting), cycled when there are more than four sites::
 
     site-0: t1, t2        site-1: t1, flair, pd
@@ -46,6 +52,8 @@ NOISE_RANGE, BIAS_RANGE = (0.02, 0.08), (0.03, 0.12)
 BIAS_DEGREE = 3
 #: Site protocol jitter around STANDARD_PROTOCOLS: TR and TE, TI (relative).
 TIMING_JITTER, TI_JITTER = 0.10, 0.04
+#: The sites' receiver gains are log-uniform over this range; the shared scanner of h = 0 has its geometric middle.
+GAIN_RANGE = (500.0, 2000.0)
 
 
 def bias_field(shape: tuple[int, ...], terms: list[tuple[int, int, int, float]]) -> np.ndarray:
@@ -161,24 +169,34 @@ def _bias_degrees() -> list[tuple[int, int, int]]:
             for k in range(BIAS_DEGREE + 1 - i - j) if i + j + k > 0]
 
 
-def make_scanners(n_sites: int, subsets: list[tuple[str, ...]], seed: int) -> list[Scanner]:
-    """``n_sites`` scanners with distinct noise, bias, slice thickness, gain and jittered protocols."""
+def _toward(shared: float, value: float, h: float) -> float:
+    """``value`` pulled towards ``shared`` by the heterogeneity ``h`` (itself at h = 1)."""
+    return value if h == 1.0 else shared + h * (value - shared)
+
+
+def make_scanners(n_sites: int, subsets: list[tuple[str, ...]], seed: int, heterogeneity: float = 1.0) -> list[Scanner]:
+    """``n_sites`` scanners with distinct noise, bias, slice thickness, gain and jittered protocols, as far
+    apart as ``heterogeneity`` in [0, 1] says (0: one shared scanner; module docstring)."""
+    h = float(heterogeneity)
+    if not 0.0 <= h <= 1.0:
+        raise ValueError(f"heterogeneity must be in [0, 1], got {heterogeneity}")
     rng = np.random.default_rng([seed, 1_000_003])
+    mid_noise, mid_gain = sum(NOISE_RANGE) / 2, float(np.log(GAIN_RANGE).mean())
     noises = rng.permutation(np.linspace(*NOISE_RANGE, n_sites))
     biases = rng.permutation(np.linspace(*BIAS_RANGE, n_sites))
     degrees = _bias_degrees()
     scanners = []
     for s in range(n_sites):
-        coeffs = rng.normal(0.0, biases[s], size=len(degrees))
+        coeffs = rng.normal(0.0, biases[s], size=len(degrees)) * h
         scanners.append(
             Scanner(
                 name=f"site-{s}",
                 modalities=subsets[s],
-                protocols={m: STANDARD_PROTOCOLS[m].jittered(rng, TIMING_JITTER, TI_JITTER) for m in MODALITIES},
-                noise=round(float(noises[s]), 4),
-                bias_terms=tuple((i, j, k, round(float(c), 4)) for (i, j, k), c in zip(degrees, coeffs)),
-                slice_mm=SLICE_MM[s % len(SLICE_MM)],
-                gain=round(float(np.exp(rng.uniform(np.log(500.0), np.log(2000.0)))), 1),
+                protocols={m: STANDARD_PROTOCOLS[m].jittered(rng, TIMING_JITTER * h, TI_JITTER * h) for m in MODALITIES},
+                noise=round(_toward(mid_noise, float(noises[s]), h), 4),
+                bias_terms=tuple((i, j, k, round(float(c), 4) + 0.0) for (i, j, k), c in zip(degrees, coeffs)),
+                slice_mm=SLICE_MM[s % len(SLICE_MM)] * h,
+                gain=round(float(np.exp(_toward(mid_gain, float(rng.uniform(*np.log(GAIN_RANGE))), h))), 1),
             )
         )
     return scanners

@@ -72,8 +72,8 @@ def test_a_sweep_over_sites_runs_one_simulation_per_value(tmp_path: Path, capsys
     # one site alone: its forecast is the whole federation's
     assert sweep["rows"][0]["forecast"]["alone"] == pytest.approx(sweep["rows"][0]["forecast"]["distributed"])
     assert (out / "sweep.png").stat().st_size > 1000 and "| 2 |" in (out / "sweep.md").read_text()
-    for bad, reason in (("magic=1", "KNOB one of sites, epsilon"), ("sites=0", "must be > 0"),
-                        ("epsilon=x", "is not a number (or nodp)")):
+    for bad, reason in (("magic=1", "KNOB one of sites, epsilon, h"), ("sites=0", "must be > 0"),
+                        ("epsilon=x", "is not a number (or nodp)"), ("h=0,2", "must be in [0, 1]")):
         assert main(["simulate", "--out", str(tmp_path / "no"), "--sweep", bad, *flags]) == 2
         assert reason in capsys.readouterr().err
     assert not (tmp_path / "no").exists()

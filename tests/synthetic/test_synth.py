@@ -245,3 +245,28 @@ def test_cli_writes_loadable_manifests(tmp_path: Path, capsys: pytest.CaptureFix
             for path in [*rec.images.values(), rec.mask, rec.tissue]:
                 assert path.is_file()
                 assert nib.load(path).shape == (24, 24, 24)
+
+
+def test_heterogeneity_pulls_the_sites_towards_one_scanner(tmp_path: Path) -> None:
+    subsets = [DEFAULT_SUBSETS[s % 4] for s in range(4)]
+    spread = {h: [s.to_dict() for s in make_scanners(4, subsets, seed=3, heterogeneity=h)] for h in (0.0, 0.5, 1.0)}
+
+    def distinct(h: float, key: str) -> int:
+        return len({json.dumps(s[key], sort_keys=True) for s in spread[h]})
+
+    for key in ("noise", "gain", "slice_mm", "bias_terms"):
+        assert distinct(1.0, key) > 1 and distinct(0.0, key) == 1, key
+    same_protocols = {json.dumps({m: s["protocols"][m] for m in ("t1",) if m in s["protocols"]}) for s in spread[0.0]
+                      if "t1" in s["modalities"]}
+    assert len(same_protocols) == 1
+    # halfway: the noise levels' spread halves around the shared scanner's
+    noise = {h: np.array([s["noise"] for s in spread[h]]) for h in (0.5, 1.0)}
+    assert np.ptp(noise[0.5]) == pytest.approx(np.ptp(noise[1.0]) / 2, abs=2e-4)
+    # written to federation.json; at h = 0 every site's image of one patient differs only by its noise
+    fed = generate_federation(tmp_path / "h0", n_sites=2, subjects_per_site=1, shape=(16, 16, 16), seed=0,
+                              modality_subsets=[["t1"], ["t1"]], heterogeneity=0.0, anatomy="procedural")
+    meta = json.loads((fed / "federation.json").read_text())
+    assert meta["heterogeneity"] == 0.0
+    assert meta["sites"][0] | {"name": ""} == meta["sites"][1] | {"name": ""}
+    with pytest.raises(ValueError, match="heterogeneity must be in"):
+        make_scanners(2, subsets[:2], seed=0, heterogeneity=1.5)
