@@ -1,20 +1,24 @@
 """docs/results.md, generated from the committed results (the JSON under docs/results/).
 
-    python -m benchmarks.results_page [--check] [--results-dir docs/results] [--out docs/results.md]
+    python -m benchmarks.results_page [--check] [--results-dir docs/results] [--out docs/results.md] [--readme README.md]
 
-Writes the page; with ``--check`` writes nothing and exits 1 when the page differs from what the JSON gives.
-Every number on the page comes from a JSON file; the prose around it lives in the section functions.
+Writes the page, and the README's generated blocks (between ``<!-- generated: NAME ... -->`` and
+``<!-- end: NAME -->``); with ``--check`` writes nothing and exits 1 when either differs from what the JSON
+gives. Every number on the page and in those blocks comes from a JSON file; the prose around it lives in the
+section functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from benchmarks import results_federation as federation
 from benchmarks import results_studies as studies
+from benchmarks.cost.common import ROOT
 from benchmarks.cost.cost_table import findings
 from benchmarks.cost.cost_table import table as cost_table
 from benchmarks.results_files import PAGE, RESULTS, Results, code
@@ -58,6 +62,24 @@ HEAD = [
 ]
 
 
+#: The README's generated blocks: name -> its lines.
+README_BLOCKS: dict[str, Callable[[Results], list[str]]] = {
+    "private-task-measured": federation.readme_measured, "private-task-headline": federation.readme_headline,
+}
+
+
+def render_readme(text: str, folder: Path) -> str:
+    """``text`` (the README) with each generated block rewritten from the results in ``folder``
+    (ValueError if a block's markers are missing)."""
+    r = Results(folder)
+    for name, lines in README_BLOCKS.items():
+        pattern = re.compile(rf"(<!-- generated: {name} [^\n]*-->\n).*?(<!-- end: {name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"the README has no generated block {name!r}")
+        text = pattern.sub(lambda m: m.group(1) + "\n".join(lines(r)) + "\n" + m.group(2), text)
+    return text
+
+
 def render(folder: Path) -> str:
     """The whole page from the results in ``folder``."""
     r = Results(folder)
@@ -72,18 +94,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 when the page is stale")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="the results folder the page is made from")
     p.add_argument("--out", type=Path, default=PAGE, help="the page")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the README whose generated blocks to write")
     args = p.parse_args(argv)
     try:
-        text = render(args.results_dir)
+        outputs = {args.out: render(args.results_dir),
+                   args.readme: render_readme(args.readme.read_text(), args.results_dir)}
     except (OSError, ValueError, KeyError) as err:
         print(f"cannot read the results in {args.results_dir}: {err!r}", file=sys.stderr)
         return 2
     if args.check:
-        if not args.out.is_file() or args.out.read_text() != text:
-            print(f"{args.out} is stale: run python -m benchmarks.results_page", file=sys.stderr)
-            return 1
-        return 0
-    args.out.write_text(text)
+        stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
+        for path in stale:
+            print(f"{path} is stale: run python -m benchmarks.results_page", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in outputs.items():
+        path.write_text(text)
     return 0
 
 

@@ -35,3 +35,17 @@ def test_a_changed_figure_makes_the_page_stale(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [f"{page} is stale: run python -m benchmarks.results_page"]
     unchanged = check("--results-dir", str(ROOT / "docs" / "results"), "--out", str(page))
     assert unchanged.returncode == 0, unchanged.stderr
+
+
+def test_a_changed_private_task_figure_makes_the_readme_stale_too(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "docs" / "results", results, ignore=shutil.ignore_patterns("*.png"))
+    summary = results / "private_task" / "seed-0" / "summary.json"
+    data = json.loads(summary.read_text())
+    data["final"]["fedpir"]["site-0"]["dice"] += 0.08
+    summary.write_text(json.dumps(data))
+    readme, page = ROOT / "README.md", ROOT / "docs" / "results.md"
+    done = check("--results-dir", str(results), "--out", str(page), "--readme", str(readme))
+    assert done.returncode == 1
+    assert sorted(done.stderr.strip().splitlines()) == sorted(f"{path} is stale: run python -m benchmarks.results_page"
+                                                             for path in (page, readme))

@@ -39,6 +39,33 @@ def test_fab_hash_is_the_hash_of_flwr_build(app: Path, tmp_path: Path) -> None:
         (app / "fedpir" / "extra.py").unlink()
 
 
+def test_the_approved_bundle_holds_only_the_code_that_runs(tmp_path: Path) -> None:
+    """A copy of the whole repository (docs, results, tests, benchmarks, deploy kits): its FAB holds the fedpir
+    package and pyproject.toml only, so a docs-only commit keeps the approved hash; a code change does not."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    repo = tmp_path / "repo"
+    for name in tracked:
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    before = approval.fab_hash_of_app(repo)
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(repo))) as fab:
+        names = fab.namelist()
+    assert {n.split("/")[0] for n in names} == {"fedpir", "pyproject.toml", ".info"}, sorted(names)[:20]
+    for doc in ("README.md", "docs/architecture.md", "deploy/README.md", "tests/conftest.py", "benchmarks/__init__.py"):
+        with (repo / doc).open("a") as fh:
+            fh.write("\n# an edit that runs nowhere\n")
+    assert approval.fab_hash_of_app(repo) == before
+    with (repo / "fedpir" / "run_config.py").open("a") as fh:
+        fh.write("\n# an edit to executed code\n")
+    assert approval.fab_hash_of_app(repo) != before
+
+
 def test_allow_list_approve_withdraw(tmp_path: Path) -> None:
     path = tmp_path / "approved.txt"
     a, b = "a" * 64, "B" * 64
