@@ -46,7 +46,7 @@ def earlier(r: Results) -> list[str]:
 
 #: The page's sections, in order.
 SECTIONS: tuple[Callable[[Results], list[str]], ...] = (
-    federation.private_task, federation.default_simulation, federation.validity_gates,
+    federation.private_task, federation.sites_sweep, federation.default_simulation, federation.validity_gates,
     federation.privacy_utility, federation.warm_start,
     federation.federation_in_fine_tuning, federation.private_recipes, studies.alice, studies.alignment,
     studies.membership_attack, cost, federation.transfer_dtype, earlier,
