@@ -31,8 +31,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from fedpir.privacy.policy import DAY_SECONDS, SitePolicy
-from fedpir.privacy.release import ALIGNMENT_OBJECTIVE, RELEASE_OBJECTIVE, mode_of, spec_of
+from fedpir.privacy.policy import PolicyViolation, SitePolicy, check_round_limits
+from fedpir.privacy.release import ALIGNMENT_OBJECTIVE, RELEASE_OBJECTIVE, mode_of, release_plan, spec_of
 from fedpir.privacy.secure_aggregation import DISTRIBUTED_DP, noise_share
 
 #: (rule, detail) of one broken policy rule.
@@ -70,7 +70,8 @@ def _release_problems(entry: dict[str, Any], policy: SitePolicy) -> list[Problem
     """A metric release recomputed from the policy: its mechanism, modes and patients."""
     out: list[Problem] = []
     metrics = [str(m) for m in entry.get("metrics", [])]
-    expected = (policy.metric_noise_multiplier, 1.0, len(metrics))
+    plan = release_plan(policy, len(metrics))
+    expected = (plan.noise_multiplier, plan.sample_rate, plan.steps)
     recorded = (float(entry["noise_multiplier"]), float(entry["sample_rate"]), int(entry["steps"]))
     if not metrics or recorded != expected:
         out.append(("release-mechanism", f"(noise multiplier, sample rate, steps) {recorded}, the policy's mechanism "
@@ -90,19 +91,20 @@ def policy_problems(entries: Sequence[tuple[int, dict[str, Any]]],
     order), each entry against the policy of ``policies`` whose SHA-256 it records."""
     by_hash = {p.sha256: p for p in policies}
     out: list[tuple[int, str, str]] = []
-    trained: list[float] = []  # timestamps of the training rounds so far
+    trained: list[dict[str, Any]] = []  # the training rounds before this entry
     for number, entry in entries:
         policy = by_hash.get(str(entry.get("policy_sha256")))
         objective = entry.get("objective")
         training = objective not in (RELEASE_OBJECTIVE, ALIGNMENT_OBJECTIVE)
+        before = list(trained)
         if training:
-            trained.append(float(entry.get("timestamp", 0.0)))
+            trained.append(entry)
         if policy is None:
             out.append((number, "policy-hash", f"made under policy {entry.get('policy_sha256')}, none of the "
                                                f"{len(policies)} given"))
             continue
         try:
-            problems = _entry_problems(entry, policy, objective, training, trained)
+            problems = _entry_problems(entry, policy, objective, training, before)
         except (KeyError, TypeError, ValueError):  # a malformed entry: the ledger's format rule reports it
             continue
         out += [(number, rule, detail) for rule, detail in problems]
@@ -110,18 +112,16 @@ def policy_problems(entries: Sequence[tuple[int, dict[str, Any]]],
 
 
 def _entry_problems(entry: dict[str, Any], policy: SitePolicy, objective: Any, training: bool,
-                    trained: list[float]) -> list[Problem]:
-    """The policy rules one entry breaks (``trained``: timestamps of the training rounds up to it)."""
+                    before: list[dict[str, Any]]) -> list[Problem]:
+    """The policy rules one entry breaks (``before``: the training rounds before it)."""
     problems: list[Problem] = []
     if training:
         if policy.dp_required and not entry.get("dp"):
             problems.append(("dp-required", "a training round without DP"))
-        if policy.max_rounds is not None and len(trained) > policy.max_rounds:
-            problems.append(("max-rounds", f"training round {len(trained)} > the policy's {policy.max_rounds}"))
-        day = sum(1 for t in trained if trained[-1] - t < DAY_SECONDS)
-        if policy.max_rounds_per_day is not None and day > policy.max_rounds_per_day:
-            problems.append(("max-rounds-per-day", f"{day} training rounds in 24 hours > the policy's "
-                                                   f"{policy.max_rounds_per_day}"))
+        try:  # the site's own admission check, at the entry's signed time
+            check_round_limits(policy, before, now=float(entry.get("timestamp", 0.0)))
+        except PolicyViolation as err:
+            problems.append((err.rule, err.detail))
     elif objective == ALIGNMENT_OBJECTIVE and not policy.alignment_statistics:
         problems.append(("alignment-statistics", "alignment statistics left; the policy does not allow them"))
     if entry.get("dp"):

@@ -142,11 +142,17 @@ def release(metrics: dict[str, float | int], policy: SitePolicy, *, n_patients: 
     return out
 
 
+def release_plan(policy: SitePolicy, n_metrics: int) -> RoundPlan:
+    """The Gaussian mechanism of releasing ``n_metrics`` noised metrics under ``policy``, as accounted:
+    its metric noise multiplier, sample rate 1, one step per metric."""
+    return RoundPlan(sample_rate=1.0, steps=n_metrics, noise_multiplier=policy.metric_noise_multiplier, max_grad_norm=1.0)
+
+
 def _noised(values: dict[str, tuple[float, MetricSpec]], policy: SitePolicy, n_patients: int,
             budget: PrivacyBudget | None, message: str) -> dict[str, float]:
     """Gaussian-noised values, paid for in the site's budget and ledger first; {} if it cannot pay."""
     sigma = policy.metric_noise_multiplier
-    plan = RoundPlan(sample_rate=1.0, steps=len(values), noise_multiplier=sigma, max_grad_norm=1.0)
+    plan = release_plan(policy, len(values))
     if budget is None:
         log.warning("%d metric(s) to noise but the site trains without DP, so nothing accounts them: dropped",
                     len(values))
