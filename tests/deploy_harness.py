@@ -54,10 +54,10 @@ def without_root_override(cmd: list[str]) -> list[str]:
 
 
 def copy_app(dest: Path, probe: bool = False) -> Path:
-    """The Flower app (pyproject.toml, README.md and the fedpir package) copied to ``dest``, so that
+    """The Flower app (pyproject.toml, README.md, pylock.toml and the fedpir package) copied to ``dest``, so that
     ``flwr run`` never touches the repository's files; ``probe``: with :data:`LOADED_FROM_PROBE`."""
     dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "pylock.toml"):
         shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "fedpir", dest / "fedpir", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     if probe:
@@ -87,13 +87,19 @@ class LoopbackDeployment:
     root: Path
     federation: Path
     port: int = field(default_factory=free_port)
+    fleet_port: int = field(default_factory=free_port)
     procs: list[Proc] = field(default_factory=list)
     node_ids: dict[str, int] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
-        """The SuperLink's address (Fleet, Control and Runtime APIs)."""
+        """The SuperLink's operator address (Control and Runtime APIs: the ``flwr`` CLI)."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """The SuperLink's address for the hospitals (the Fleet API only)."""
+        return f"127.0.0.1:{self.fleet_port}"
 
     @property
     def guard_bin(self) -> Path:
@@ -144,22 +150,24 @@ class LoopbackDeployment:
     def start_superlink(self) -> Proc:
         """``flower-superlink`` with the server kit; returns once it accepts TLS connections."""
         proc = self.start("superlink", commands.superlink_command(
-            self.federation / "superlink", host="127.0.0.1", port=self.port, database=self.root / "superlink.db"))
-        self.wait_tls(proc, timeout=90)
+            self.federation / "superlink", host="127.0.0.1", port=self.port, fleet_host="127.0.0.1",
+            fleet_port=self.fleet_port, database=self.root / "superlink.db"))
+        for port in (self.port, self.fleet_port):
+            self.wait_tls(proc, port, timeout=90)
         (self.root / "flwr-home").mkdir(exist_ok=True)
         (self.root / "flwr-home" / "config.toml").write_text(commands.flwr_config_toml(
             CONNECTION, self.address, self.federation / "ca" / provision.CA_CERT))
         return proc
 
-    def wait_tls(self, proc: Proc, timeout: float) -> None:
-        """Wait until the SuperLink completes a TLS handshake verified by the federation CA."""
+    def wait_tls(self, proc: Proc, port: int, timeout: float) -> None:
+        """Wait until the SuperLink completes a TLS handshake on ``port`` verified by the federation CA."""
         context = ssl.create_default_context(cafile=str(self.federation / "ca" / provision.CA_CERT))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.popen.poll() is not None:
                 raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.output()[-4000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as raw:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
                     with context.wrap_socket(raw, server_hostname="127.0.0.1"):
                         return
             except OSError:
@@ -186,7 +194,7 @@ class LoopbackDeployment:
     def supernode_command(self, hospital: str, data_dir: Path, **kwargs) -> list[str]:
         """The hospital's ``flower-supernode`` command (its kit, data, state and approval list)."""
         kwargs.setdefault("approved_apps", self.root / "approved" / f"{hospital}.txt")
-        return commands.supernode_command(self.address, self.federation / "hospitals" / hospital, data_dir,
+        return commands.supernode_command(self.fleet_address, self.federation / "hospitals" / hospital, data_dir,
                                           self.root / "state" / hospital, hospital, port=free_port(), **kwargs)
 
     def nodes_online(self) -> set[int]:

@@ -1,14 +1,19 @@
 """`fedpir provision`: the federation operator's keys and certificates (see fedpir.deployment.provision).
 
     fedpir provision init DIR --name NAME [--server-name HOST ...] [--curve p384]
-    fedpir provision add DIR HOSPITAL [--public-key FILE]
-    fedpir provision rotate DIR HOSPITAL [--public-key FILE]
-    fedpir provision revoke DIR HOSPITAL
+    fedpir provision add DIR HOSPITAL [--public-key FILE] [--connection NAME]
+    fedpir provision rotate DIR HOSPITAL [--public-key FILE] [--connection NAME]
+    fedpir provision revoke DIR HOSPITAL [--connection NAME]
+    fedpir provision sync DIR --connection NAME   (the SuperLink accepts exactly the registry's active keys)
+    fedpir provision connection DIR NAME --address HOST:PORT   (a flwr connection to the operator port)
     fedpir provision node-id DIR HOSPITAL NODE_ID   (note what `flwr supernode register` printed)
     fedpir provision list DIR
     fedpir provision keygen OUT_DIR          (at a hospital: its own node key pair)
 
 Every command prints what to hand to whom and the commands to run next; no private key is printed.
+``--connection`` names the operator's ``flwr`` connection (``$FLWR_HOME/config.toml``) to the SuperLink's
+operator port: then the command registers or unregisters the key there itself
+(fedpir.deployment.registration).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 from pathlib import Path
 
 from fedpir.deployment import provision as p
+from fedpir.deployment import registration
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         cmd.add_argument("--public-key", type=Path, metavar="FILE",
                          help="the hospital's own OpenSSH EC public key (made with `fedpir provision keygen`); "
                               "then no private key is created here")
+        _connection(cmd, "register the new key with the SuperLink through this flwr connection")
     revoke = sub.add_parser("revoke", help="revoke a hospital's node key")
     revoke.add_argument("dir", type=Path, metavar="DIR")
     revoke.add_argument("hospital", metavar="HOSPITAL")
+    _connection(revoke, "unregister the key from the SuperLink through this flwr connection (cuts the node off)")
+    conn = sub.add_parser("connection", help="add a flwr connection (in $FLWR_HOME/config.toml) to the SuperLink's "
+                                             "operator port, trusting the federation CA")
+    conn.add_argument("dir", type=Path, metavar="DIR")
+    conn.add_argument("name", metavar="NAME", help="the connection's name (what flwr commands take)")
+    conn.add_argument("--address", default="127.0.0.1:8000",
+                      help="the operator port as seen from here (default 127.0.0.1:8000: on the SuperLink's host, "
+                           "or through an SSH tunnel or kubectl port-forward)")
+    sync = sub.add_parser("sync", help="make the SuperLink accept exactly the registry's active keys")
+    sync.add_argument("dir", type=Path, metavar="DIR")
+    _connection(sync, "the operator's flwr connection to the SuperLink", required=True)
     node = sub.add_parser("node-id", help="note the node id `flwr supernode register` printed for a hospital's key")
     node.add_argument("dir", type=Path, metavar="DIR")
     node.add_argument("hospital", metavar="HOSPITAL")
@@ -50,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     keygen = sub.add_parser("keygen", help="at a hospital: make its own node key pair (the private key stays there)")
     keygen.add_argument("out", type=Path, metavar="OUT_DIR")
     keygen.add_argument("--curve", choices=sorted(p.CURVES), default="p384")
+
+
+def _connection(parser: argparse.ArgumentParser, text: str, required: bool = False) -> None:
+    parser.add_argument("--connection", metavar="NAME", required=required,
+                        help=f"{text} (a connection of $FLWR_HOME/config.toml to the SuperLink's operator port)")
 
 
 def _register_steps(root: Path, pub: Path, hospital: str) -> str:
@@ -89,15 +112,45 @@ def run(args: argparse.Namespace) -> int:
                   f"{p.NODE_KEY}: copy it over a secure channel, then delete it here)")
         else:
             print(f"  hand to the hospital's IT: {kit / p.CA_CERT} (its private key never left it)")
-        print(_register_steps(fed.root, kit / p.NODE_PUB, args.hospital))
-        if args.action == "rotate":
+        if args.connection:
+            try:
+                node_id = registration.register(fed.root, args.hospital, args.connection)
+            except registration.RegistrationError as err:
+                raise registration.RegistrationError(
+                    f"{err}. The key is in the registry; register it once the SuperLink answers: "
+                    f"fedpir provision sync {fed.root} --connection {args.connection}") from None
+            print(f"  registered with the SuperLink ({args.connection}): node id {node_id}")
+        else:
+            print(_register_steps(fed.root, kit / p.NODE_PUB, args.hospital))
+        if args.action == "rotate" and args.connection:
+            print("  the hospital restarts its SuperNode with the new key; once it is online, cut the old key off:\n"
+                  f"    fedpir provision sync {fed.root} --connection {args.connection}")
+        elif args.action == "rotate":
             print("  the hospital restarts its SuperNode with the new key; then unregister the old node:\n"
                   + _unregister_steps(entry))
     elif args.action == "revoke":
         fed, fingerprint = p.revoke_hospital(args.dir, args.hospital)
         print(f"hospital {args.hospital!r} revoked (key {fingerprint})")
-        print("  the SuperLink still accepts the key until the node is unregistered:\n"
-              + _unregister_steps(fed.hospitals[args.hospital]))
+        if args.connection:
+            ids = registration.unregister_retired(fed.root, args.hospital, args.connection)
+            print(f"  unregistered from the SuperLink ({args.connection}): node ids {ids or 'none noted'}; "
+                  f"the SuperLink refuses the key from now on")
+        else:
+            print("  the SuperLink still accepts the key until the node is unregistered:\n"
+                  + _unregister_steps(fed.hospitals[args.hospital]))
+    elif args.action == "connection":
+        path = registration.add_connection(args.dir, args.name, args.address)
+        print(f"flwr connection {args.name!r} ({args.address}, CA {p.load_federation(args.dir).ca_cert}) "
+              f"written to {path}")
+        print(f"  check it: flwr supernode list {args.name}")
+    elif args.action == "sync":
+        report = registration.sync(args.dir, args.connection)
+        for node_id, why in sorted(report.unregistered.items()):
+            print(f"  unregistered node {node_id} ({why})")
+        for name, node_id in sorted(report.registered.items()):
+            print(f"  registered {name}: node id {node_id}")
+        print(f"the SuperLink ({args.connection}) accepts exactly the registry's active keys"
+              + ("" if report.changed else " (nothing to change)"))
     elif args.action == "node-id":
         p.record_node_id(args.dir, args.hospital, args.node_id)
         print(f"hospital {args.hospital!r}: node id {args.node_id} noted")

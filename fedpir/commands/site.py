@@ -4,6 +4,7 @@
     fedpir site withdraw LIST SHA256
     fedpir site status --state-dir DIR [--data-dir DIR] [--approved-apps LIST] [--json]
     fedpir site state-key FILE
+    fedpir site guard DIR
     fedpir site policy [FILE] [--state-dir DIR]
     fedpir site reset --state-dir DIR --reason TEXT
 
@@ -12,10 +13,12 @@ fedpir.deployment.approval). ``status`` reads only local files: the privacy ledg
 folder (rounds, epsilon spent of the budget), how the state is stored at rest (encrypted or not,
 permissions), the data folder's validation, the approved hashes. ``state-key`` makes a key that
 encrypts the state at rest (node config ``state-key-file``; see fedpir.privacy.at_rest).
-``policy`` prints the privacy policy a node config names (``privacy-policy=FILE``; none: the safe
-default) with its SHA-256, the hash every ledger entry records; with ``--state-dir`` it verifies the
-ledger (chain and signatures) and prints the site's budget, which the ledger binds (exit 2 with the
-reason when the ledger does not verify: training is stopped until the admin acts). ``reset`` retires
+``guard`` writes the approval guard (a ``flwr-clientapp`` that checks the approved list first) into
+DIR, which goes first on the SuperNode's PATH. ``policy`` prints the privacy policy a node config
+names (``privacy-policy=FILE``; none: the safe default) with its SHA-256, the hash every ledger
+entry records; with ``--state-dir`` it verifies the ledger (chain and signatures) and prints the
+site's budget, which the ledger binds (exit 2 with the reason when the ledger does not verify:
+training is stopped until the admin acts). ``reset`` retires
 the site's identity: the whole state folder (ledger, its sealed head, signing key, local layers) moves
 into ``DIR/retired-<UTC time>/`` with the reason, for the auditor, and the next round starts a new
 ledger under a new key. It is the only way to a fresh budget: a ledger cut back, restored alone or
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     st.add_argument("--json", action="store_true", help="one JSON object")
     sk = sub.add_parser("state-key", help="make a key that encrypts the node's state at rest (node config state-key-file)")
     sk.add_argument("file", type=Path, metavar="FILE", help="where to write it (0600; kept outside the state folder)")
+    gd = sub.add_parser("guard", help="write the approval guard (flwr-clientapp) for the SuperNode's PATH")
+    gd.add_argument("dir", type=Path, metavar="DIR", help="a folder for it, put first on the SuperNode's PATH")
     po = sub.add_parser("policy", help="the node's privacy policy, its SHA-256 and (--state) the site's bound budget")
     po.add_argument("file", type=Path, nargs="?", help="the privacy-policy file of the node config (none: the default)")
     po.add_argument("--state-dir", type=Path, help="the node's state-dir: verify its ledger, print the site's budget")
@@ -173,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
                     approval.fab_hash_of_file(args.fab) if args.fab else args.hash)
         added = approval.approve(args.list, fab_hash, note=args.note)
         print(f"{'approved' if added else 'already approved'}: {fab_hash} ({args.list})")
+    elif args.action == "guard":
+        guard = approval.write_guard(args.dir, python=sys.executable)
+        print(f"approval guard written to {guard}; put {args.dir.resolve()} first on the SuperNode's PATH "
+              f"(PATH={args.dir.resolve()}:$PATH)")
     elif args.action == "state-key":
         from fedpir.privacy.at_rest import new_state_key
 

@@ -296,6 +296,19 @@ def record_node_id(root: Path | str, name: str, node_id: int) -> Federation:
     return fed
 
 
+def forget_retired_node_id(root: Path | str, name: str, node_id: int) -> Federation:
+    """Drop ``node_id`` from the hospital's ``unregister`` list (the SuperLink no longer accepts it)."""
+    fed = load_federation(root)
+    entry = _hospital(fed, name)
+    remaining = [i for i in entry.get("unregister", []) if i != node_id]
+    if remaining:
+        entry["unregister"] = remaining
+    else:
+        entry.pop("unregister", None)
+    fed.save()
+    return fed
+
+
 def revoke_hospital(root: Path | str, name: str) -> tuple[Federation, str]:
     """Mark the hospital revoked and retire its key; returns the federation and the revoked fingerprint.
     (The SuperLink forgets the node only when the operator unregisters it: see the printed steps.)"""

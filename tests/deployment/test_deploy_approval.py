@@ -41,7 +41,8 @@ def test_fab_hash_is_the_hash_of_flwr_build(app: Path, tmp_path: Path) -> None:
 
 def test_the_approved_bundle_holds_only_the_code_that_runs(tmp_path: Path) -> None:
     """A copy of the whole repository (docs, results, tests, benchmarks, deploy kits): its FAB holds the fedpir
-    package and pyproject.toml only, so a docs-only commit keeps the approved hash; a code change does not."""
+    package, pyproject.toml and the dependency lock only, so a docs-only commit keeps the approved hash; a code
+    change or a changed pin does not."""
     import io
     import zipfile
 
@@ -56,10 +57,17 @@ def test_the_approved_bundle_holds_only_the_code_that_runs(tmp_path: Path) -> No
     before = approval.fab_hash_of_app(repo)
     with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(repo))) as fab:
         names = fab.namelist()
-    assert {n.split("/")[0] for n in names} == {"fedpir", "pyproject.toml", ".info"}, sorted(names)[:20]
+    assert {n.split("/")[0] for n in names} == {"fedpir", "pyproject.toml", "pylock.toml", ".info"}, \
+        sorted(names)[:20]
     for doc in ("README.md", "docs/architecture.md", "deploy/README.md", "tests/conftest.py", "benchmarks/__init__.py"):
         with (repo / doc).open("a") as fh:
             fh.write("\n# an edit that runs nowhere\n")
+    assert approval.fab_hash_of_app(repo) == before
+    lock = (repo / "pylock.toml").read_text()
+    pin = 'name = "torch"\nversion = "2.13.0+cpu"'
+    (repo / "pylock.toml").write_text(lock.replace(pin, pin.replace("2.13.0", "2.13.1"), 1))
+    assert pin in lock and approval.fab_hash_of_app(repo) != before
+    (repo / "pylock.toml").write_text(lock)
     assert approval.fab_hash_of_app(repo) == before
     with (repo / "fedpir" / "run_config.py").open("a") as fh:
         fh.write("\n# an edit to executed code\n")

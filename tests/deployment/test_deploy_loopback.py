@@ -5,16 +5,19 @@ deployment are shared by the tests of this module, which run in file order."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
+import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from deploy_harness import CONNECTION, LoopbackDeployment, copy_app, run_exit
 
 from fedpir.commands import main
-from fedpir.deployment import approval, provision
+from fedpir.deployment import approval, commands, provision, registration
 from fedpir.privacy.release import spec_of
 
 HOSPITALS = ("st-anna", "city-general")
@@ -206,3 +209,92 @@ def test_rotated_key_connects_and_the_unregistered_old_key_is_refused(deployment
     assert run_exit(proc, timeout=90) != 0
     assert "Failed to activate SuperNode" in proc.output(), proc.output()[-3000:]
     assert new_id in dep.nodes_online()
+
+
+def _flwr_through(dep: LoopbackDeployment, address: str, *args: str) -> subprocess.CompletedProcess:
+    """A ``flwr`` call whose connection trusts the federation CA and points at ``address``."""
+    home = dep.root / "flwr-home" / "config.toml"
+    saved = home.read_text()
+    try:
+        home.write_text(commands.flwr_config_toml(CONNECTION, address, dep.federation / "ca" / provision.CA_CERT))
+        return dep.flwr(*args, timeout=60)
+    finally:
+        home.write_text(saved)
+
+
+def _fedpir(dep: LoopbackDeployment, *args: str) -> subprocess.CompletedProcess:
+    """``fedpir ARGS`` as the operator runs it (its flwr connection is this deployment's)."""
+    return subprocess.run([sys.executable, "-m", "fedpir", *args], capture_output=True, text=True, timeout=180,
+                          env=dep.env())
+
+
+def test_a_stranger_with_the_public_ca_can_neither_register_nor_connect(deployment: LoopbackDeployment) -> None:
+    dep = deployment
+    stranger = dep.root / "stranger"
+    provision.node_key_pair_for_hospital(stranger)
+    before = dep.nodes_online()
+    # the hospitals' port answers the Fleet API only: registering, listing nodes and starting runs get 404
+    res = _flwr_through(dep, dep.fleet_address, "supernode", "register", str(stranger / provision.NODE_PUB),
+                        CONNECTION, "--format", "json")
+    assert '"success": false' in res.stdout and "registered successfully" not in res.stdout, res.stdout
+    res = _flwr_through(dep, dep.fleet_address, "supernode", "list", CONNECTION, "--format", "json")
+    assert '"success": false' in res.stdout, res.stdout
+    context = ssl.create_default_context(cafile=str(dep.federation / "ca" / provision.CA_CERT))
+    for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/runtime/pull-task-input",
+                 "/v1/fleet/../control/register-node", "/docs"):
+        conn = http.client.HTTPSConnection("127.0.0.1", dep.fleet_port, context=context, timeout=30)
+        conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+        assert conn.getresponse().status == 404, path
+        conn.close()
+    # with its own key it cannot connect either
+    cmd = dep.supernode_command("spare", dep.data / "site-0", max_retries=1, max_wait_time=15)
+    cmd[cmd.index("--auth-supernode-private-key") + 1] = str(stranger / provision.NODE_KEY)
+    proc = dep.start("probe-stranger", cmd)
+    assert run_exit(proc, timeout=90) != 0
+    assert "Failed to activate SuperNode" in proc.output(), proc.output()[-3000:]
+    assert dep.nodes_online() == before
+
+
+def test_a_revoked_hospital_is_cut_off(deployment: LoopbackDeployment) -> None:
+    dep = deployment
+    res = _fedpir(dep, "provision", "add", str(dep.federation), "leaving", "--connection", CONNECTION)
+    assert res.returncode == 0 and "registered with the SuperLink" in res.stdout, res.stdout + res.stderr
+    node_id = provision.load_federation(dep.federation).hospitals["leaving"]["node_id"]
+    node = dep.start("leaving", dep.supernode_command("leaving", dep.data / "site-0"))
+    dep.wait_online({node_id}, watch=[node])
+    kept = dep.root / "leaving-kept.key"  # the operator's copy goes with the revocation; the hospital keeps its own
+    shutil.copy2(dep.federation / "hospitals" / "leaving" / provision.NODE_KEY, kept)
+    res = _fedpir(dep, "provision", "revoke", str(dep.federation), "leaving", "--connection", CONNECTION)
+    assert res.returncode == 0 and f"node ids [{node_id}]" in res.stdout, res.stdout + res.stderr
+    assert node_id not in registration_accepted(dep)
+    run_exit(node, timeout=120)  # the SuperLink stops answering its key: it ends (fails the test if it does not)
+    assert "SuperNode terminated" in node.output(), node.output()[-3000:]
+    cmd = list(node.cmd)
+    cmd[cmd.index("--auth-supernode-private-key") + 1] = str(kept)
+    restarted = dep.start("leaving-again", cmd)  # the same key again: refused
+    assert run_exit(restarted, timeout=120) != 0
+    assert "Failed to activate SuperNode" in restarted.output(), restarted.output()[-3000:]
+
+
+def registration_accepted(dep: LoopbackDeployment) -> set[int]:
+    """Node ids the SuperLink accepts (registered, online or offline)."""
+    res = dep.flwr("supernode", "list", CONNECTION, "--format", "json")
+    nodes = json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
+    return {int(n["node-id"]) for n in nodes if n["status"] in registration.ACCEPTED}
+
+
+def test_sync_leaves_the_superlink_accepting_exactly_the_registry(deployment: LoopbackDeployment) -> None:
+    dep = deployment
+    extra = dep.root / "registered-by-hand"
+    provision.node_key_pair_for_hospital(extra)
+    res = dep.flwr("supernode", "register", str(extra / provision.NODE_PUB), CONNECTION, "--format", "json")
+    stray = int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
+    res = _fedpir(dep, "provision", "sync", str(dep.federation), "--connection", CONNECTION)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"unregistered node {stray} (not in the registry)" in res.stdout, res.stdout
+    fed = provision.load_federation(dep.federation)
+    active = {fed.hospitals[h]["node_id"] for h in fed.active()}
+    assert registration_accepted(dep) == active
+    assert all(not e.get("unregister") for e in fed.hospitals.values())
+    res = _fedpir(dep, "provision", "sync", str(dep.federation), "--connection", CONNECTION)
+    assert "nothing to change" in res.stdout, res.stdout

@@ -221,3 +221,27 @@ def test_node_ids_follow_the_keys(fed: p.Federation, capsys: pytest.CaptureFixtu
     assert p.load_federation(fed.root).hospitals["st-anna"]["unregister"] == [111, 222]
     with pytest.raises(p.ProvisionError, match="is revoked"):
         p.record_node_id(fed.root, "st-anna", 333)
+
+
+def test_an_unreachable_superlink_is_one_line_and_the_registry_says_what_to_finish(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--connection`` naming a SuperLink that does not answer (here: a closed port): one line, exit 2,
+    the hospital in the registry without a node id, and ``sync`` named as the way to finish."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    root = tmp_path / "fed"
+    assert main(["provision", "init", str(root)]) == 0
+    assert main(["provision", "connection", str(root), "pilot", "--address", f"127.0.0.1:{port}"]) == 0
+    assert main(["provision", "connection", str(root), "pilot"]) == 2  # an existing connection is never changed
+    capsys.readouterr()
+    assert main(["provision", "add", str(root), "st-anna", "--connection", "pilot"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flwr supernode register" in err[0] and f"fedpir provision sync {root}" in err[0], err
+    entry = p.load_federation(root).hospitals["st-anna"]
+    assert entry["status"] == "active" and "node_id" not in entry
+    config = (tmp_path / "flwr" / "config.toml").read_text()
+    assert f'address = "127.0.0.1:{port}"' in config and str(root / "ca" / p.CA_CERT) in config
