@@ -29,10 +29,10 @@ def cost(r: Results) -> list[str]:
     return [
         "## Cost", "",
         *code(["python -m benchmarks [--device cuda]"]), "",
-        "Six cost benchmarks with small defaults (each also runs alone: `python -m benchmarks.cost.overhead --help`, "
-        "`dp_cost`, `communication`, `scale`, `data_path`, `secure_aggregation`); each prints one JSON record (config, "
-        f"machine, raw figures) and appends it to {r.link('benchmarks.jsonl')}. The newest record of each benchmark "
-        f"(plot {r.link('scale.png')}):", "",
+        "Cost benchmarks with small defaults (each also runs alone: `python -m benchmarks.cost.overhead --help`, "
+        "`dp_cost`, `communication`, `scale`, `parallel`, `data_path`, `secure_aggregation`, `cli`); each prints one JSON "
+        f"record (config, machine, raw figures) and appends it to {r.link('benchmarks.jsonl')}. The newest record of "
+        f"each benchmark (plots {r.link('scale.png')}, {r.link('parallel_sites.png')}):", "",
         *cost_table(records).splitlines(), "",
         *findings(records),
     ]

@@ -31,7 +31,7 @@ STATE_ROOT = Path.home() / ".fedpir"
 #: Where a run that names no run folder writes, in a folder of its own (``run-<Flower run id>``).
 RUNS_ROOT = STATE_ROOT / "runs"
 #: Settings that do not change what a run computes, so a resumed run may differ in them.
-NOT_IN_FINGERPRINT: tuple[str, ...] = ("run_dir", "round_timeout", "device", "warm_start")
+NOT_IN_FINGERPRINT: tuple[str, ...] = ("run_dir", "round_timeout", "device", "cpus_per_site", "warm_start")
 
 
 def knob(default: Any, help: str, *, choices: Sequence[str] = (), flag: str = "") -> Any:
@@ -91,6 +91,8 @@ class RunSettings:
     anatomical: bool = knob(False, "add Alice's anatomical-contrast term to pretraining")
     proximal_mu: float = knob(0.0, "FedProx mu (with strategy fedprox): sites pull towards the global weights")
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    cpus_per_site: float = knob(0.0, "simulation only: CPUs (and torch threads) each simulated site reserves; 0: enough "
+                                     "sites in parallel to fill the cores (cores // sites, at least 1)")
     warm_start: str = knob("", "public warm-start file (fedpir pretrain-public); empty: random initialisation")
     warm_start_sha256: str = knob("", "the warm start's SHA-256, checked by the server and every site")
     segment_positive_weight: float = knob(0.0, "segmentation loss: 0, MONAI Dice+CE; > 0, binary cross-entropy with lesion "
@@ -123,6 +125,8 @@ class RunSettings:
             raise ValueError(f"volume-size must be in [{MIN_VOLUME_SIZE}, {MAX_VOLUME_SIZE}] voxels, got {self.volume_size}")
         if self.batch_size < 0 or self.lr <= 0 or self.segment_positive_weight < 0:
             raise ValueError("batch-size must be >= 0 (0: the whole site), lr > 0 and segment-positive-weight >= 0")
+        if self.cpus_per_site < 0:
+            raise ValueError(f"cpus-per-site must be >= 0 (0: fill the cores), got {self.cpus_per_site}")
         if not 0.0 <= self.heterogeneity <= 1.0:
             raise ValueError(f"heterogeneity must be in [0, 1], got {self.heterogeneity}")
         if self.dp_rounds < 0:

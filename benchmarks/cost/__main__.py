@@ -22,7 +22,8 @@ from benchmarks.cost.common import RUN_ID_ENV, parser
 from benchmarks.cost.cost_table import table
 
 #: The benchmarks, in the order they run (cheap and independent first).
-BENCHMARKS: tuple[str, ...] = ("cli", "secure_aggregation", "data_path", "dp_cost", "overhead", "communication", "scale")
+BENCHMARKS: tuple[str, ...] = ("cli", "secure_aggregation", "data_path", "dp_cost", "overhead", "communication", "scale",
+                               "parallel")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -139,6 +139,16 @@ def peak_memory(device: str, interval: float = 0.05) -> Iterator[Peak]:
         peak.bytes = max(peak.bytes, _tree_rss(pid))
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out a matplotlib figure, write it as a PNG to ``path`` (folders made) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def timed(fn, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     """(fn's result, its wall seconds)."""
     start = time.perf_counter()

@@ -129,7 +129,7 @@ def run_probed(settings: RunSettings, work: Path) -> ProbedRun:
     log_path.unlink(missing_ok=True)
     start = time.time()
     run_flower(make_server_app(settings), make_client_app(settings, mods=[probe_mod(settings, log_path)]),
-               settings.num_sites)
+               settings.num_sites, settings.cpus_per_site)
     wall = time.time() - start
     messages = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
     return ProbedRun(start, wall, messages, MetricsLog(Path(settings.run_dir) / "metrics.jsonl").read())

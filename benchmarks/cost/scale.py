@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cost.common import emit, in_child, parser, peak_memory
+from benchmarks.cost.common import emit, in_child, parser, peak_memory, save_figure
 from benchmarks.cost.engine_probe import run_probed
 from fedpir.run_config import RunSettings
 from fedpir.synthetic.federation import generate_federation
@@ -77,10 +77,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in (mem, sec):
         ax.minorticks_off()
         ax.set_xticks(n, [str(x) for x in n])
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -67,6 +67,16 @@ def run_settings(context: Context, settings: RunSettings | None = None) -> RunSe
     return settings.with_run_folder(context.run_id)
 
 
+def _threads_of_reserved_cpus() -> None:
+    """A simulated site uses as many torch threads as the CPUs its Ray worker reserved (Ray sets
+    OMP_NUM_THREADS to them only when the driver's environment has no such variable)."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 def site_for(context: Context, settings: RunSettings | None = None) -> Site:
     """The site this node serves (built once per process, data folder and run settings, and again when
     its ledger on disk moved on)."""
@@ -80,6 +90,7 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
         name = str(node.get("site-name", data_dir.name))
     elif "partition-id" in node:
         name = f"site-{int(node['partition-id'])}"
+        _threads_of_reserved_cpus()
         if not settings.federation_dir:
             from fedpir.synthetic.prepare import synthetic_federation  # simulation engine only
 

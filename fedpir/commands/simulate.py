@@ -22,7 +22,8 @@ KNOBS: tuple[str, ...] = (
     "batch_size", "lr", "optimizer", "segment_positive_weight", "max_grad_norm", "finetune_task", "strategy", "dp",
     "epsilon_budget",
     "secret_noise", "pretrain_trainable",
-    "finetune_trainable", "mim", "anatomical", "proximal_mu", "device", "augment_views", "transfer_dtype",
+    "finetune_trainable", "mim", "anatomical", "proximal_mu", "device", "cpus_per_site", "augment_views",
+    "transfer_dtype",
 )
 
 
@@ -117,11 +118,15 @@ def run(args: argparse.Namespace) -> int:
         args.subjects_per_site = SWEEP_SITE_SIZE
     apply_preset(args)
     runs = {value: _with(args, value_changes(knob, value)) for value in values}
+    methods = set()
     for value, value_args in runs.items():  # every value's flags checked before anything runs
-        checked_settings(value_args, out / f"{knob}-{value}")
-    for value, value_args in runs.items():
-        print(f"== {knob} = {value}", flush=True)
-        simulate(value_args, out / f"{knob}-{value}")
+        methods |= set(checked_settings(value_args, out / f"{knob}-{value}")[1])
+    from fedpir.simulation.engine import engine_for
+
+    with engine_for(sorted(methods)):  # one engine start for the whole sweep
+        for value, value_args in runs.items():
+            print(f"== {knob} = {value}", flush=True)
+            simulate(value_args, out / f"{knob}-{value}")
     from fedpir.simulation.report import write_sweep_report
     from fedpir.simulation.sweep import sweep_rows
 
@@ -141,6 +146,7 @@ def simulate(args: argparse.Namespace, out: Path) -> int:
     """Generate or take the federation, run every method, write the report."""
     settings, methods = checked_settings(args, out)
     from fedpir.simulation.cross_modal import cross_modal_summary
+    from fedpir.simulation.engine import engine_for
     from fedpir.simulation.forecast import site_forecasts
     from fedpir.simulation.report import FORECAST_OF, write_report
     from fedpir.simulation.runner import method_settings, run_method
@@ -154,11 +160,12 @@ def simulate(args: argparse.Namespace, out: Path) -> int:
               f"{settings.volume_size}^3")
         synthetic_federation(settings)
     start = time.perf_counter()
-    for i, method in enumerate(methods, 1):
-        print(f"[{i}/{len(methods)}] {method} ...", flush=True)
-        t0 = time.perf_counter()
-        run_method(method, settings, out, noinv)
-        print(f"[{i}/{len(methods)}] {method} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    with engine_for(methods):  # one start of Flower's simulation engine for every method
+        for i, method in enumerate(methods, 1):
+            print(f"[{i}/{len(methods)}] {method} ...", flush=True)
+            t0 = time.perf_counter()
+            run_method(method, settings, out, noinv)
+            print(f"[{i}/{len(methods)}] {method} done in {time.perf_counter() - t0:.0f} s", flush=True)
     print("scoring each site's final model on every single input modality ...", flush=True)
     cross_modal = cross_modal_summary(out, {m: method_settings(m, settings, out / m, noinv) for m in methods})
     forecasts = []

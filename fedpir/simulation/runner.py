@@ -37,7 +37,7 @@ def run_federated(settings: RunSettings) -> None:
     from fedpir.client.client_app import make_client_app
     from fedpir.server.server_app import make_server_app
 
-    run_flower(make_server_app(settings), make_client_app(settings), len(site_names(settings)))
+    run_flower(make_server_app(settings), make_client_app(settings), len(site_names(settings)), settings.cpus_per_site)
 
 
 def _schedule(settings: RunSettings, metrics_log: MetricsLog,

@@ -152,3 +152,15 @@ def test_scale_on_the_simulation_engine(results: Path) -> None:
     assert f["largest_completed"] == 5 and [r["train_replies"] for r in f["rows"]] == [4, 10]
     assert plot.stat().st_size > 0 and f["plot"] == str(plot.relative_to(ROOT))  # recorded relative to the repository
 
+
+
+@pytest.mark.slow
+def test_parallel_sites_on_the_simulation_engine(results: Path) -> None:
+    plot = results.parent / "parallel.png"
+    f = run("parallel", results, "--preset", "quick", "--sites", "4", "--rounds", "2", "--plot", str(plot))["figures"]
+    rows = {r["mode"]: r for r in f["rows"]}
+    assert all(r["completed"] for r in rows.values()), rows
+    assert rows["one core"]["cores"] == 1 and rows["one core"]["threads"] == [1]
+    assert rows["parallel"]["threads"] == [1] and rows["serial"]["threads"] == [rows["serial"]["cores"]]
+    assert f["parallel_over_serial"] == pytest.approx(rows["parallel"]["later_round_s"] / rows["serial"]["later_round_s"])
+    assert plot.stat().st_size > 0 and "Parallel sites" in cost_table(results)

@@ -141,3 +141,23 @@ def test_presets_set_the_federation_and_flags_override_them(tmp_path: Path) -> N
     assert methods == PRESETS["quick"]["methods"].split(",") and args.warm_start == "none"
     args = parser.parse_args(["--preset", "quick", "--warm-start", "auto", "--methods", "local"])
     assert checked_settings(args, tmp_path / "d")[1] == ["local"] and args.warm_start == "auto"
+
+
+def test_simulated_methods_share_one_engine_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two methods on Flower's simulation engine: Ray starts once (the real ``ray.init``, counted) and
+    is down at the end; each site reserves one of this machine's cores when the sites outnumber them."""
+    import ray
+
+    from fedpir.simulation.engine import site_cpus
+
+    starts = []
+    real_init = ray.init
+    monkeypatch.setattr(ray, "init", lambda *a, **k: starts.append(k) or real_init(*a, **k))
+    out = tmp_path / "sim"
+    assert main(["simulate", "--out", str(out), "--methods", "fedpir,fedavg,local", *TINY]) == 0
+    assert len(starts) == 1 and not ray.is_initialized()
+    for method in ("fedpir", "fedavg"):
+        assert {r["site"] for r in MetricsLog(out / method / "metrics.jsonl").read() if r["kind"] == "train"} == \
+            {"site-0", "site-1"}
+    assert site_cpus(0, 8, available=2) == 1 and site_cpus(0, 2, available=16) == 8 and site_cpus(0, 1, 2) == 2
+    assert site_cpus(3, 8, available=2) == 3
