@@ -28,7 +28,7 @@ def _yes(ok: bool) -> str:
 
 
 #: Config keys whose values make separate rows of a benchmark (the newest record of each value is shown).
-VARIANTS: dict[str, str] = {"communication": "finetune_trainable", "parallel": "preset"}
+VARIANTS: dict[str, str] = {"communication": "finetune_trainable", "parallel": "preset", "secure_aggregation": "preset"}
 
 
 def newest(records: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -142,8 +142,9 @@ def _secure(r: dict[str, Any]) -> list[str]:
         return [f"**Secure aggregation**: {f['skipped']}."]
     rows = "; ".join(f"{n} sites: {f[f'sites_{n}']['plain_round_s']:.2f} s plain, {f[f'sites_{n}']['secure_round_s']:.2f} s "
                      f"with SecAgg+ ({f[f'sites_{n}']['ratio_round']:.2f}x)" for n in c["sites"])
-    return [f"**Secure aggregation** (fastest round after the first, {c['subjects']} patients per site, {c['size']}^3, "
-            f"without DP): {rows} [{c['target']}]."]
+    work = (f"the {c['preset']} preset's round ({c['subjects']} patients per site cycled, {c['size']}^3, its private "
+            "phase under DP)" if c.get("preset") else f"{c['subjects']} patients per site, {c['size']}^3, without DP")
+    return [f"**Secure aggregation** (fastest round after the first, {work}): {rows} [{c['target']}]."]
 
 
 def _cli(r: dict[str, Any]) -> list[str]:
