@@ -24,6 +24,8 @@ STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "trimm
 SECURE_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 #: The sites' optimizers (fedpir.training.trainer builds each; a test keeps the two equal).
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "adamw")
+#: Where round metrics go besides metrics.jsonl (fedpir.server.tracking).
+TRACKERS: tuple[str, ...] = ("auto", "tensorboard", "none")
 #: Opacus accountants (fedpir.privacy.dp).
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: fedpir's folder in the user's home: runs that name no run folder, cached public warm starts.
@@ -31,7 +33,7 @@ STATE_ROOT = Path.home() / ".fedpir"
 #: Where a run that names no run folder writes, in a folder of its own (``run-<Flower run id>``).
 RUNS_ROOT = STATE_ROOT / "runs"
 #: Settings that do not change what a run computes, so a resumed run may differ in them.
-NOT_IN_FINGERPRINT: tuple[str, ...] = ("run_dir", "round_timeout", "device", "cpus_per_site", "warm_start")
+NOT_IN_FINGERPRINT: tuple[str, ...] = ("run_dir", "round_timeout", "device", "cpus_per_site", "tracking", "warm_start")
 
 
 def knob(default: Any, help: str, *, choices: Sequence[str] = (), flag: str = "") -> Any:
@@ -91,6 +93,8 @@ class RunSettings:
     anatomical: bool = knob(False, "add Alice's anatomical-contrast term to pretraining")
     proximal_mu: float = knob(0.0, "FedProx mu (with strategy fedprox): sites pull towards the global weights")
     device: str = knob("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
+    tracking: str = knob("auto", "round metrics besides metrics.jsonl: tensorboard (event files in the run folder's "
+                                 "tensorboard/), none, or auto (tensorboard when it is installed)", choices=TRACKERS)
     cpus_per_site: float = knob(0.0, "simulation only: CPUs (and torch threads) each simulated site reserves; 0: enough "
                                      "sites in parallel to fill the cores (cores // sites, at least 1)")
     warm_start: str = knob("", "public warm-start file (fedpir pretrain-public); empty: random initialisation")

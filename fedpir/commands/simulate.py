@@ -22,7 +22,7 @@ KNOBS: tuple[str, ...] = (
     "batch_size", "lr", "optimizer", "segment_positive_weight", "max_grad_norm", "finetune_task", "strategy", "dp",
     "epsilon_budget",
     "secret_noise", "pretrain_trainable",
-    "finetune_trainable", "mim", "anatomical", "proximal_mu", "device", "cpus_per_site", "augment_views",
+    "finetune_trainable", "mim", "anatomical", "proximal_mu", "device", "cpus_per_site", "tracking", "augment_views",
     "transfer_dtype",
 )
 

@@ -39,17 +39,21 @@ class Stage:
 
 
 class MetricsLog:
-    """Append-only JSON-lines log of per-round, per-site and aggregated metrics."""
+    """Append-only JSON-lines log of per-round, per-site and aggregated metrics; ``tracker`` (for
+    example :class:`fedpir.server.tracking.TensorBoardTracker`) gets every record too."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tracker: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker
 
     def write(self, **record: Any) -> None:
         """Append one record (a timestamp is added)."""
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
+        if self.tracker is not None:
+            self.tracker(record)
 
     def read(self) -> list[dict[str, Any]]:
         """All records so far."""
@@ -133,6 +137,7 @@ def run_federation(
     timeout: float = 3600.0,
     fingerprint: dict[str, Any] | None = None,
     secure_step: SecureStep | None = None,
+    tracker: Callable[[dict[str, Any]], None] | None = None,
 ) -> ArrayRecord:
     """Run all stages, checkpointing after every round; resume from ``run_dir`` if it holds a
     checkpoint of this same run (``fingerprint``: the settings that define it; a checkpoint of
@@ -145,7 +150,7 @@ def run_federation(
     trained. Returns the final global shared arrays.
     """
     store = CheckpointStore(run_dir, fingerprint or {})
-    metrics_log = MetricsLog(Path(run_dir) / "metrics.jsonl")
+    metrics_log = MetricsLog(Path(run_dir) / "metrics.jsonl", tracker)
     arrays, done = initial_arrays, 0
     if (ckpt := store.load_latest()) is not None:
         arrays, done = ckpt.arrays, ckpt.round

@@ -17,6 +17,7 @@ from fedpir.run_config import RunSettings
 from fedpir.server.alignment import run_alignment
 from fedpir.server.rounds import SecureStep, Stage, run_federation
 from fedpir.server.secure_train import SecureRound, secure_train
+from fedpir.server.tracking import tracker_for
 from fedpir.strategies import make_strategy
 from fedpir.training.model import build_model
 from fedpir.wire.protocol import EPOCHS_KEY, STAGES
@@ -70,7 +71,7 @@ def serve(grid: Grid, settings: RunSettings) -> ArrayRecord:
     run_stages = stages(settings)
     final = run_federation(grid, strategy, initial, run_stages, run_dir,
                            timeout=settings.round_timeout, fingerprint=settings.fingerprint(),
-                           secure_step=secure_step_for(settings))
+                           secure_step=secure_step_for(settings), tracker=tracker_for(settings.tracking, run_dir))
     torch.save(final.to_torch_state_dict(), run_dir / "global_model.pt")
     log.info("final global model (%d tensors) written to %s", len(final), run_dir / "global_model.pt")
     if settings.align:

@@ -20,6 +20,7 @@ from fedpir.models.groups import objective_for, trainable_groups
 from fedpir.run_config import RunSettings
 from fedpir.server.rounds import MetricsLog
 from fedpir.server.server_app import stages
+from fedpir.server.tracking import run_metrics_log
 from fedpir.simulation.engine import run_flower
 from fedpir.simulation.methods import FEDERATED, METHODS, NODP_RECIPE
 from fedpir.training.model import build_model
@@ -58,7 +59,7 @@ def run_local(settings: RunSettings) -> None:
     sites = [Site(settings, settings.federation_path / name, settings.run_path / "sites" / name, name)
              for name in site_names(settings)]
     epochs = settings.local_epochs
-    _schedule(settings, MetricsLog(settings.run_path / "metrics.jsonl"),
+    _schedule(settings, run_metrics_log(settings),
               lambda stage: {s.name: s.train(stage, epochs) for s in sites},
               lambda stage: {s.name: s.evaluate(stage) for s in sites})
 
@@ -79,14 +80,14 @@ def run_centralized(settings: RunSettings) -> None:
         objective = objective_for(stage, settings.finetune_task)
         return {name: summary_metrics(trainer.evaluate(holdout, objective)) for name, (_, holdout, _) in data.items()}
 
-    _schedule(settings, MetricsLog(settings.run_path / "metrics.jsonl"), train, evaluate)
+    _schedule(settings, run_metrics_log(settings), train, evaluate)
     torch.save(trainer.model.state_dict(), settings.run_path / "pooled_model.pt")
 
 
 def run_public_only(settings: RunSettings) -> None:
     """Public-only reference: the warm start as it is, evaluated at each site at the end of each stage
     without any private round (nothing trains, so one evaluation per stage is the whole curve)."""
-    metrics_log = MetricsLog(settings.run_path / "metrics.jsonl")
+    metrics_log = run_metrics_log(settings)
     sites = [Site(settings, settings.federation_path / name, settings.run_path / "sites" / name, name)
              for name in site_names(settings)]
     rnd = 0

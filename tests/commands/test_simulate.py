@@ -143,9 +143,20 @@ def test_presets_set_the_federation_and_flags_override_them(tmp_path: Path) -> N
     assert checked_settings(args, tmp_path / "d")[1] == ["local"] and args.warm_start == "auto"
 
 
-def test_simulated_methods_share_one_engine_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the TensorBoard event files in ``folder``: tag -> step -> value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def test_simulated_methods_share_one_engine_start_and_track_to_tensorboard(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two methods on Flower's simulation engine: Ray starts once (the real ``ray.init``, counted) and
-    is down at the end; each site reserves one of this machine's cores when the sites outnumber them."""
+    is down at the end; each site reserves one of this machine's cores when the sites outnumber them;
+    the round metrics of the ServerApp and of a baseline are in TensorBoard, equal to metrics.jsonl."""
     import ray
 
     from fedpir.simulation.engine import site_cpus
@@ -154,8 +165,18 @@ def test_simulated_methods_share_one_engine_start(tmp_path: Path, monkeypatch: p
     real_init = ray.init
     monkeypatch.setattr(ray, "init", lambda *a, **k: starts.append(k) or real_init(*a, **k))
     out = tmp_path / "sim"
-    assert main(["simulate", "--out", str(out), "--methods", "fedpir,fedavg,local", *TINY]) == 0
+    assert main(["simulate", "--out", str(out), "--methods", "fedpir,fedavg,local", "--tracking", "tensorboard", *TINY]) == 0
     assert len(starts) == 1 and not ray.is_initialized()
+    checked = 0
+    for method in ("fedpir", "local"):  # the ServerApp's records and a baseline runner's, read back from TensorBoard
+        scalars = tensorboard_scalars(out / method / "tensorboard")
+        for r in MetricsLog(out / method / "metrics.jsonl").read():
+            tag = "/".join(p for p in (r.get("stage"), r["kind"], r.get("site")) if p)
+            for name in ("dice", "epsilon"):
+                if r["kind"] in ("evaluate", "train-aggregate") and name in r["metrics"]:
+                    assert scalars[f"{tag}/{name}"][r["round"]] == pytest.approx(r["metrics"][name], rel=1e-6)
+                    checked += 1
+    assert checked >= 6  # per site and round: dice of both methods, the federation's epsilon
     for method in ("fedpir", "fedavg"):
         assert {r["site"] for r in MetricsLog(out / method / "metrics.jsonl").read() if r["kind"] == "train"} == \
             {"site-0", "site-1"}
