@@ -37,11 +37,19 @@ if _os.environ.get("{LOADED_FROM_ENV}"):
 """
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, and not given out before by this process (the OS may hand the
+    same free port out twice when nothing holds it in between)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def without_root_override(cmd: list[str]) -> list[str]:

@@ -103,7 +103,8 @@ def site_for(context: Context, settings: RunSettings | None = None) -> Site:
     cached = _SITES.get(key)
     # Another process of this node (Flower's simulation spreads a node's messages over its workers) may
     # have trained since: then this process' copy is behind the (verified) ledger on disk and is rebuilt.
-    if cached is None or PrivacyLedger.in_dir(state_dir).extends(cached.trainer.ledger):
+    if cached is None or PrivacyLedger.in_dir(state_dir, key_path=cached.trainer.ledger.key_path,
+                                              cipher=cached.cipher).extends(cached.trainer.ledger):
         _SITES[key] = Site.for_node(settings, data_dir, state_dir, name, node)
     return _SITES[key]
 

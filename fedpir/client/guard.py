@@ -75,7 +75,9 @@ def answered(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
 def _bind(site: Site, policy: SitePolicy) -> None:
     """Check the ledger on disk is the one the site wrote; bind the site's budget and stamp entries."""
     ledger = site.trainer.ledger
-    on_disk = PrivacyLedger.in_dir(site.state_dir)  # LedgerError if missing with trained state, or altered
+    # LedgerError if missing with trained state, or altered; read with the site's key path and state key (an
+    # encrypted signing key cannot be read without it)
+    on_disk = PrivacyLedger.in_dir(site.state_dir, key_path=ledger.key_path, cipher=site.cipher)
     if on_disk.last_hash != ledger.last_hash:
         raise LedgerError(f"{site.state_dir}: the privacy ledger on disk ({len(on_disk.entries)} entries) is not the "
                           f"one this site wrote ({len(ledger.entries)} entries): removed, replaced or cut; restore it "
@@ -104,7 +106,7 @@ def admit_evaluation(policy: SitePolicy, site: Site) -> None:
     """Raise unless the site may answer an evaluate request now (ledger, rate limit)."""
     _bind(site, policy)
     rounds = len(training_entries(site.trainer.ledger.entries))
-    if not EvaluationAllowance(site.state_dir, policy.evaluations_per_round).take(rounds):
+    if not EvaluationAllowance(site.state_dir, policy.evaluations_per_round, site.cipher).take(rounds):
         raise RateLimited(f"more than {policy.evaluations_per_round} evaluation(s) since the last training round")
 
 

@@ -62,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     po = sub.add_parser("policy", help="the node's privacy policy, its SHA-256 and (--state) the site's bound budget")
     po.add_argument("file", type=Path, nargs="?", help="the privacy-policy file of the node config (none: the default)")
     po.add_argument("--state-dir", type=Path, help="the node's state-dir: verify its ledger, print the site's budget")
+    po.add_argument("--state-key-file", type=Path, help="the node's state key, when its state is encrypted at rest")
     rs = sub.add_parser("reset", help="retire the site's identity (ledger, key, local layers) with a reason; a new one starts")
     rs.add_argument("--state-dir", type=Path, required=True, help="the node's state-dir")
     rs.add_argument("--reason", required=True, help="why (kept with the retired state for the auditor)")
@@ -131,7 +132,7 @@ def at_rest_lines(at_rest: dict[str, Any]) -> list[str]:
     return lines
 
 
-def print_policy(file: Path | None, state_dir: Path | None) -> None:
+def print_policy(file: Path | None, state_dir: Path | None, state_key_file: Path | None = None) -> None:
     """Print a policy (the default without ``file``), its SHA-256 and, with ``state_dir``, the site's
     budget as its verified ledger binds it (LedgerError, a ValueError, when the ledger does not verify)."""
     from fedpir.privacy.budget import PrivacyLedger
@@ -147,7 +148,10 @@ def print_policy(file: Path | None, state_dir: Path | None) -> None:
     print("released metrics: " + ", ".join(f"{name}{'*' if name[-1] in '._' else ''} {mode_of(policy, name, spec)}"
                                             for name, spec in METRICS.items()))
     if state_dir is not None:
-        ledger = PrivacyLedger.in_dir(state_dir)
+        from fedpir.privacy.at_rest import PLAINTEXT, StateCipher
+
+        cipher = StateCipher.from_key_file(state_key_file) if state_key_file else PLAINTEXT
+        ledger = PrivacyLedger.in_dir(state_dir, cipher=cipher)
         recorded = recorded_budget(ledger)
         budget = site_budget(policy, ledger, float("nan"))
         print(f"ledger: {len(ledger.entries)} entries, chain and signatures verified; site budget epsilon "
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         removed = approval.withdraw(args.list, args.hash)
         print(f"{'withdrawn' if removed else 'was not approved'}: {args.hash} ({args.list})")
     elif args.action == "policy":
-        print_policy(args.file, args.state_dir)
+        print_policy(args.file, args.state_dir, args.state_key_file)
     elif args.action == "reset":
         retired = retire(args.state_dir, args.reason)
         print(f"retired the site's identity into {retired}; the next round starts a new ledger under a new signing "

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpir.privacy.at_rest import PLAINTEXT, StateCipher, read_private, write_private
 from fedpir.privacy.budget import PrivacyBudget
 from fedpir.privacy.dp import RoundPlan
 from fedpir.privacy.policy import SitePolicy
@@ -177,22 +177,20 @@ def training_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class EvaluationAllowance:
-    """At most ``per_round`` evaluations per local training round, counted in ``state_dir``."""
+    """At most ``per_round`` evaluations per local training round, counted in ``state_dir`` (a private
+    file, encrypted with the site's state key like the rest of its state)."""
 
     FILE = "evaluations.json"
 
-    def __init__(self, state_dir: Path, per_round: int) -> None:
-        self.path, self.per_round = Path(state_dir) / self.FILE, per_round
+    def __init__(self, state_dir: Path, per_round: int, cipher: StateCipher = PLAINTEXT) -> None:
+        self.path, self.per_round, self.cipher = Path(state_dir) / self.FILE, per_round, cipher
 
     def take(self, trained_rounds: int) -> bool:
         """Count one evaluation after ``trained_rounds`` training rounds; False when over the limit."""
-        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        state = json.loads(read_private(self.path, self.cipher)) if self.path.is_file() else {}
         used = state.get("evaluations", 0) if state.get("trained_rounds") == trained_rounds else 0
         if used >= self.per_round:
             return False
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"trained_rounds": trained_rounds, "evaluations": used + 1}, fh)
-        tmp.replace(self.path)
+        write_private(self.path, json.dumps({"trained_rounds": trained_rounds, "evaluations": used + 1}).encode(),
+                      self.cipher)
         return True

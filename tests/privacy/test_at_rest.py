@@ -180,3 +180,28 @@ def test_site_from_node_config_keeps_its_state_encrypted_across_restarts(small_f
     with pytest.raises(StateKeyError, match="cannot be decrypted"):
         Site.for_node(settings, small_federation / "site-0", state, "site-0",
                       {"state-key-file": str(new_state_key(tmp_path / "keys" / "other.key"))})
+
+
+def test_an_encrypted_node_is_admitted_again_after_it_trained(small_federation: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """The guard checks the ledger on disk before every request; with the state encrypted it reads the
+    signing key with the site's state key (found by the runbook test: every request after a node's first
+    training round failed), and `fedpir site policy --state-key-file` reads the same folder."""
+    from fedpir.client.guard import admit_evaluation, admit_training
+    from fedpir.client.site import Site
+    from fedpir.privacy.policy import RESEARCH_POLICY
+    from fedpir.run_config import RunSettings
+
+    vocab = json.loads((small_federation / "federation.json").read_text())["modalities"]
+    settings = RunSettings(volume_size=16, federation_dir=str(small_federation), run_dir=str(tmp_path / "run"),
+                           modalities=",".join(vocab), noise_multiplier=1.0)
+    key = new_state_key(tmp_path / "keys" / "site.key")
+    state = tmp_path / "state"
+    site = Site.for_node(settings, small_federation / "site-0", state, "site-0", {"state-key-file": str(key)})
+    admit_training(RESEARCH_POLICY, site, 1)
+    site.train("pretrain", epochs=1)
+    assert (state / SIGNING_KEY_NAME).read_bytes().startswith(MAGIC)
+    admit_evaluation(RESEARCH_POLICY, site)
+    admit_training(RESEARCH_POLICY, site, 1)
+    assert main(["site", "policy", "--state-dir", str(state), "--state-key-file", str(key)]) == 0
+    assert "chain and signatures verified" in capsys.readouterr().out
