@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -64,6 +65,19 @@ def _ray_init_args() -> dict:
     return {"num_cpus": cores(), "include_dashboard": False, **common}
 
 
+def _check_cluster_reachable(address: str, timeout: float = 5.0) -> None:
+    """A ``RAY_ADDRESS`` of the form HOST:PORT must accept a connection (Ray itself retries for minutes);
+    ConnectionError, one line, when it does not."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"RAY_ADDRESS {address}: no Ray cluster answers there ({err.strerror or err}); start it "
+                              "with `ray start --head`, or unset RAY_ADDRESS to simulate on this machine") from None
+
+
 @contextmanager
 def engine() -> Iterator[None]:
     """Start Ray once for every simulation run inside this block (see the module docstring); nested
@@ -77,6 +91,7 @@ def engine() -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    _check_cluster_reachable(os.environ.get("RAY_ADDRESS", ""))
     ray.init(**_ray_init_args())
     real_shutdown = ray.shutdown
     ray.shutdown = lambda *args, **kwargs: None  # Flower's end-of-run shutdown: the engine outlives each run

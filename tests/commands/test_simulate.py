@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from tracking_events import tensorboard_scalars
 
 from fedpir.commands import main
 from fedpir.server.rounds import MetricsLog
@@ -141,15 +142,6 @@ def test_presets_set_the_federation_and_flags_override_them(tmp_path: Path) -> N
     assert methods == PRESETS["quick"]["methods"].split(",") and args.warm_start == "none"
     args = parser.parse_args(["--preset", "quick", "--warm-start", "auto", "--methods", "local"])
     assert checked_settings(args, tmp_path / "d")[1] == ["local"] and args.warm_start == "auto"
-
-
-def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
-    """Every scalar of the TensorBoard event files in ``folder``: tag -> step -> value."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
 def test_simulated_methods_share_one_engine_start_and_track_to_tensorboard(tmp_path: Path,

@@ -7,17 +7,10 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from tracking_events import tensorboard_scalars
 
 from fedpir.server.rounds import MetricsLog
 from fedpir.server.tracking import TENSORBOARD_DIR, TensorBoardTracker, tracker_for
-
-
-def _scalars(folder: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
 def test_records_become_tagged_scalars_at_their_round(tmp_path: Path) -> None:
@@ -26,7 +19,7 @@ def test_records_become_tagged_scalars_at_their_round(tmp_path: Path) -> None:
     log.write(kind="train-aggregate", stage="finetune", round=2, metrics={"epsilon": 3.25, "loss": float("nan")})
     log.write(kind="resume", round=1, stage="finetune")  # no metrics: nothing to plot
     log.write(kind="train-error", stage="finetune", round=2, site="site-0", error="refused")
-    assert _scalars(tmp_path / TENSORBOARD_DIR) == {"finetune/evaluate/site-1/dice": {2: 0.5},
+    assert tensorboard_scalars(tmp_path / TENSORBOARD_DIR) == {"finetune/evaluate/site-1/dice": {2: 0.5},
                                                     "finetune/train-aggregate/epsilon": {2: 3.25}}
     assert len(log.read()) == 4  # metrics.jsonl keeps every record
 
